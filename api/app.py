@@ -1,0 +1,39 @@
+"""The FastAPI application: built by ``create_app(settings)``, nothing at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tokenrelay import __version__
+from tokenrelay.queueing.connection import connect
+from tokenrelay.queueing.relay import ChunkRelay
+
+from . import errors
+from .routes import completions, health, models
+from .service import GenerationService
+from .settings import APISettings
+
+
+def create_app(settings: APISettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings.redis)
+        relay = ChunkRelay(redis, settings.redis.keys)
+        await relay.start()
+        app.state.service = GenerationService(redis, relay, settings)
+        try:
+            yield
+        finally:
+            await relay.close()
+            await redis.aclose()
+
+    app = FastAPI(title="tokenrelay", version=__version__, lifespan=lifespan,
+                  root_path=settings.root_path)
+    app.state.settings = settings
+    errors.install(app)
+    for module in (models, completions, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from ..deps import Authorized, Service
+from ..schemas import ChatCompletionRequest, CompletionRequest
+from ..streaming import respond
+
+router = APIRouter(dependencies=Authorized)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, service: Service) -> Any:
+    job = body.to_job(service.settings.request_timeout)
+    await service.check(job.model, job.params.max_tokens)
+    return await respond(service, job, body.include_usage)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, service: Service) -> Any:
+    job = body.to_job(service.settings.request_timeout)
+    await service.check(job.model, job.params.max_tokens)
+    return await respond(service, job, body.include_usage)

@@ -1,0 +1,117 @@
+"""The public OpenAI request shapes, validated once and turned into queue jobs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tokenrelay.queueing.messages import ChatMessage, Job, SamplingParams
+
+MAX_N = 16
+MAX_STOP = 4
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+
+    model: Annotated[str, Field(min_length=1)]
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            n=self.n,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def _job(self, prefix: str, timeout: float, max_tokens: int | None, **kw: object) -> Job:
+        now = time.time()
+        return Job(
+            id=f"{prefix}-{uuid.uuid4().hex}",
+            model=self.model,
+            params=self.sampling(max_tokens),
+            stream=self.stream,
+            created=int(now),
+            deadline=now + timeout,
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=1024)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    def to_job(self, timeout: float) -> Job:
+        messages = [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+        return self._job("chatcmpl", timeout, self.max_completion_tokens or self.max_tokens,
+                         kind="chat", messages=messages)
+
+
+class CompletionRequest(_Common):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    echo: bool = False
+
+    def to_job(self, timeout: float) -> Job:
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return self._job("cmpl", timeout, self.max_tokens, kind="completion", prompt=prompt)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens

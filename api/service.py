@@ -1,0 +1,118 @@
+"""The one service the routes call: check a model, enqueue a job, follow its chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from tokenrelay.queueing.jobs import JobQueue
+from tokenrelay.queueing.messages import Chunk, ErrorInfo, Job
+from tokenrelay.queueing.registry import Registry, WorkerInfo
+from tokenrelay.queueing.relay import ChunkRelay, Subscription
+
+from .errors import APIError, model_not_found, overloaded
+from .settings import APISettings
+
+log = logging.getLogger(__name__)
+
+
+def redis_down(exc: Exception) -> APIError:
+    return APIError(503, f"The job queue (Redis) is unreachable: {exc}. Retry shortly.",
+                    type="server_overloaded", code="queue_unavailable", retry_after=2)
+
+
+def error_from(info: ErrorInfo) -> APIError:
+    retry = 2.0 if info.status in (429, 503) else None
+    return APIError(info.status, info.message, type=info.type, code=info.code, retry_after=retry)
+
+
+@dataclass
+class Run:
+    """One enqueued job, followed through its chunks until done or the deadline."""
+
+    job: Job
+    sub: Subscription
+    finished: bool = False
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        timeout = max(0.0, self.job.deadline - time.time())
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in self.sub.chunks():
+                    self.finished = chunk.done
+                    yield chunk
+                    if chunk.done:
+                        return
+        except TimeoutError:
+            pass
+        yield Chunk(id=self.job.id, attempt=self.sub.attempt, seq=-1, done=True,
+                    error=ErrorInfo(message="The request ran past its deadline.",
+                                    type="timeout", code="deadline_exceeded", status=503))
+
+
+class GenerationService:
+    def __init__(self, redis: aioredis.Redis, relay: ChunkRelay, settings: APISettings) -> None:
+        self.redis = redis
+        self.relay = relay
+        self.settings = settings
+        self.queue = JobQueue(redis, settings.redis.keys)
+        self.registry = Registry(redis, settings.redis.keys)
+
+    async def live_models(self) -> dict[str, list[WorkerInfo]]:
+        try:
+            return await self.registry.live_models()
+        except RedisError as exc:
+            raise redis_down(exc) from exc
+
+    async def check(self, model: str, max_tokens: int | None) -> None:
+        """404 for a model never served, 503 for one with no live worker, 400 for a
+        max_tokens no worker of it can hold."""
+        workers = (await self.live_models()).get(model)
+        if not workers:
+            try:
+                known = await self.registry.is_known(model)
+            except RedisError as exc:
+                raise redis_down(exc) from exc
+            if not known:
+                raise model_not_found(model)
+            raise overloaded(f"No worker is serving '{model}' right now; start one with "
+                             f"`tokenrelay worker --model-names {model} ...`.", status=503,
+                             retry_after=5)
+        context = max(w.max_context for w in workers)
+        if max_tokens is not None and context and max_tokens >= context:
+            raise APIError(400, f"max_tokens={max_tokens} is beyond this model's context length "
+                           f"({context} tokens, prompt included).", param="max_tokens",
+                           code="context_length_exceeded")
+
+    @contextlib.asynccontextmanager
+    async def generate(self, job: Job) -> AsyncIterator[Run]:
+        """Subscribe (confirmed), enqueue, and cancel the job if we leave before its end."""
+        try:
+            async with self.relay.subscribe(job.model, job.id) as sub:
+                result = await self.queue.enqueue(job, max_depth=self.settings.max_queue)
+                if result.status == "full":
+                    raise overloaded(f"The queue for '{job.model}' is full ({result.detail} "
+                                     "requests waiting or running). Retry shortly.")
+                run = Run(job, sub)
+                try:
+                    yield run
+                finally:
+                    if not run.finished:
+                        with anyio.CancelScope(shield=True):
+                            await self.cancel(job)
+        except (RedisError, TimeoutError) as exc:
+            raise redis_down(exc) from exc
+
+    async def cancel(self, job: Job) -> None:
+        try:
+            await self.queue.cancel(job.model, job.id)
+        except RedisError as exc:
+            log.warning("could not cancel %s: %s", job.id, exc)

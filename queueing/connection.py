@@ -1,0 +1,46 @@
+"""Redis connection settings and client factory: explicit timeouts, protocol and pool size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .keys import Keys
+
+
+@dataclass
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "tr"
+    # Over the longest blocking read (XREADGROUP BLOCK is 1 s), so a block never times out.
+    socket_timeout: float = 10.0
+    connect_timeout: float = 3.0
+    max_connections: int = 64
+    retries: int = 2
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+
+def connect(settings: RedisSettings) -> aioredis.Redis:
+    """An asyncio client with a bounded, blocking pool.
+
+    Retries are few and safe: enqueue is idempotent by request id, so a retried command whose
+    reply was lost cannot queue a job twice.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.url,
+        max_connections=settings.max_connections,
+        timeout=settings.connect_timeout,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        protocol=2,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries),
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)

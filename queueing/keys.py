@@ -1,0 +1,60 @@
+"""Every Redis key, stream, group and channel name tokenrelay uses.
+
+All keys of one model carry the hash tag ``{m:NAME}`` so that, on Redis Cluster, the
+model's job stream, chunk channels and per-request keys share one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "tr"
+
+    def _model(self, model: str) -> str:
+        return f"{self.prefix}:{{m:{model}}}"
+
+    # per model
+    def jobs(self, model: str) -> str:
+        return f"{self._model(model)}:jobs"
+
+    def dead_letters(self, model: str) -> str:
+        return f"{self._model(model)}:dead"
+
+    def alive(self, model: str, worker_id: str) -> str:
+        return f"{self.alive_prefix(model)}{worker_id}"
+
+    def alive_prefix(self, model: str) -> str:
+        return f"{self._model(model)}:alive:"
+
+    # per request
+    def chunks(self, model: str, request_id: str) -> str:
+        return f"{self._model(model)}:chunks:{request_id}"
+
+    def chunk_log(self, model: str, request_id: str) -> str:
+        return f"{self._model(model)}:log:{request_id}"
+
+    def result(self, model: str, request_id: str) -> str:
+        return f"{self._model(model)}:result:{request_id}"
+
+    def cancel(self, model: str, request_id: str) -> str:
+        return f"{self._model(model)}:cancel:{request_id}"
+
+    def enqueued(self, model: str, request_id: str) -> str:
+        return f"{self._model(model)}:enq:{request_id}"
+
+    # registry
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def known_models(self) -> str:
+        return f"{self.prefix}:models"

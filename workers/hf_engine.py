@@ -1,0 +1,212 @@
+"""A transformers engine: one thread steps every running job, a token at a time.
+
+Jobs join and leave between steps, each with its own KV cache, sampling parameters and
+stop rules; a cancelled job stops at the next step. The ``n`` choices of one job run as
+one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenrelay.queueing.messages import ChoiceDelta, Job
+
+from .engine import Engine, EngineEvent, InvalidRequest, JobHandle
+from .prompts import encode_prompt
+from .sampling import make_generator, sample
+from .text import TextTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    job: Job
+    handle: JobHandle
+    prompt_len: int
+    max_tokens: int
+    generator: torch.Generator
+    trackers: list[TextTracker]
+    finish: list[str | None]
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    next_ids: torch.Tensor | None = None
+    generated: int = 0  # steps taken; each running choice gets one token a step
+    completion_tokens: int = 0
+
+
+class HFEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="hf-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> JobHandle:
+        handle = JobHandle(job.id, asyncio.get_running_loop())
+        self._inbox.put((job, handle))
+        return handle
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    # engine thread
+
+    def _loop(self) -> None:
+        running: list[_Running] = []
+        while True:
+            try:
+                new = self._take_new(block=not running)
+            except _Closed:
+                for r in running:
+                    r.handle.close()
+                return
+            for job, handle in new:
+                started = self._start(job, handle)
+                if started:
+                    running.append(started)
+            for r in list(running):
+                if self._step(r):
+                    running.remove(r)
+                    with self._lock:
+                        self._cancelled.discard(r.job.id)
+
+    def _take_new(self, block: bool) -> list[tuple[Job, JobHandle]]:
+        items = []
+        try:
+            items.append(self._inbox.get(block=block, timeout=None))
+            while True:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        if None in items:
+            raise _Closed
+        return [i for i in items if i is not None]
+
+    def _start(self, job: Job, handle: JobHandle) -> _Running | None:
+        try:
+            ids = encode_prompt(self.tokenizer, job)
+            max_tokens = self._max_tokens(job, len(ids))
+            generator = make_generator(job.params, self.device)
+            n = job.params.n
+            r = _Running(
+                job=job,
+                handle=handle,
+                prompt_len=len(ids),
+                max_tokens=max_tokens,
+                generator=generator,
+                trackers=[TextTracker(self._decode, job.params.stop) for _ in range(n)],
+                finish=[None] * n,
+            )
+            input_ids = torch.tensor([ids] * n, device=self.device)
+            self._forward(r, input_ids)
+            return r
+        except InvalidRequest as exc:
+            handle.put(exc)
+        except Exception as exc:
+            log.exception("prefill failed for %s", job.id)
+            handle.put(exc)
+        handle.close()
+        return None
+
+    def _max_tokens(self, job: Job, prompt_len: int) -> int:
+        room = self.max_context - prompt_len
+        asked = job.params.max_tokens
+        if room <= 0 or (asked is not None and asked > room):
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_context} tokens. However, "
+                f"you requested {prompt_len + (asked or 0)} tokens ({prompt_len} in the "
+                f"messages, {asked or 0} in the completion). Please reduce the length of the "
+                "messages or completion.",
+                code="context_length_exceeded",
+            )
+        return asked if asked is not None else room
+
+    @torch.inference_mode()
+    def _forward(self, r: _Running, input_ids: torch.Tensor) -> None:
+        out = self.model(input_ids=input_ids, past_key_values=r.cache, use_cache=True)
+        r.next_ids = sample(out.logits[:, -1, :], r.job.params, r.generator)
+
+    def _step(self, r: _Running) -> bool:
+        """Take the sampled token of every live choice, emit text, decode the next step.
+        Returns True when the job is over."""
+        with self._lock:
+            cancelled = r.job.id in self._cancelled
+        if cancelled:
+            r.handle.close()
+            return True
+        try:
+            deltas = self._advance(r)
+            if deltas:
+                r.handle.put(EngineEvent(deltas, r.prompt_len, r.completion_tokens))
+            if all(f is not None for f in r.finish):
+                r.handle.close()
+                return True
+            assert r.next_ids is not None
+            self._forward(r, r.next_ids.view(-1, 1))
+            return False
+        except Exception as exc:
+            log.exception("decode failed for %s", r.job.id)
+            r.handle.put(exc)
+            r.handle.close()
+            return True
+
+    def _advance(self, r: _Running) -> list[ChoiceDelta]:
+        assert r.next_ids is not None
+        tokens = r.next_ids.tolist()
+        r.generated += 1
+        params = r.job.params
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        deltas = []
+        for i, (token, tracker) in enumerate(zip(tokens, r.trackers, strict=True)):
+            if r.finish[i] is not None:
+                continue
+            r.completion_tokens += 1
+            if token in stop_ids:
+                text, r.finish[i] = tracker.flush(), "stop"
+            else:
+                text = tracker.add(token)
+                if tracker.stopped:
+                    r.finish[i] = "stop"
+                elif r.generated >= r.max_tokens:
+                    text, r.finish[i] = text + tracker.flush(), "length"
+            if text or r.finish[i]:
+                deltas.append(ChoiceDelta(index=i, text=text, finish_reason=r.finish[i]))
+        return deltas
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _Closed(Exception):
+    pass
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

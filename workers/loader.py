@@ -1,0 +1,108 @@
+"""Load a transformers model folder or a GGUF file onto a device, with progress bars."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadOptions:
+    model_path: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    num_gpus: int = 1
+    max_gpu_memory: str | None = None
+    load_8bit: bool = False
+    trust_remote_code: bool = False
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device in ("cuda", "xpu", "mps"):
+        return torch.float16
+    return torch.float32
+
+
+def check_device(device: str) -> None:
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "xpu": hasattr(torch, "xpu") and torch.xpu.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if device not in available:
+        raise SystemExit(f"--device {device!r} is not one of cpu, cuda, xpu, mps")
+    if not available[device]:
+        raise SystemExit(
+            f"--device {device} was asked for, but torch {torch.__version__} sees no {device} "
+            "device here. Install a torch build for it, or pass --device cpu."
+        )
+
+
+def _source(model_path: str) -> tuple[str, dict[str, str]]:
+    path = Path(model_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SystemExit(f"--model-path {model_path}: no such GGUF file")
+        return str(path.parent), {"gguf_file": path.name}
+    if not path.is_dir():
+        raise SystemExit(
+            f"--model-path {model_path}: not a folder or a .gguf file. tokenrelay loads local "
+            "models only; download the model first (for example with `hf download`)."
+        )
+    return str(path), {}
+
+
+def load(options: LoadOptions):  # type: ignore[no-untyped-def]
+    """Returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_device(options.device)
+    source, extra = _source(options.model_path)
+    kwargs: dict[str, object] = {
+        "dtype": resolve_dtype(options.dtype, options.device),
+        "trust_remote_code": options.trust_remote_code,
+        **extra,
+    }
+    if options.load_8bit:
+        kwargs["quantization_config"] = _eight_bit()
+    if options.device == "cuda" and (options.num_gpus > 1 or options.max_gpu_memory):
+        kwargs["device_map"] = "auto"
+        if options.max_gpu_memory:
+            kwargs["max_memory"] = {i: options.max_gpu_memory for i in range(options.num_gpus)}
+    elif options.device != "cpu":
+        kwargs["device_map"] = options.device
+    started = time.monotonic()
+    log.info("loading %s on %s (%s)", options.model_path, options.device, kwargs["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    log.info("loaded %s in %.1fs", options.model_path, time.monotonic() - started)
+    return model, tokenizer
+
+
+def _eight_bit():  # type: ignore[no-untyped-def]
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            "--load-8bit needs bitsandbytes and a CUDA GPU: pip install bitsandbytes"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)

@@ -1,0 +1,113 @@
+"""`tokenrelay worker`: load a model and serve its Redis job stream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from tokenrelay.queueing.connection import RedisSettings, connect
+
+from .engine import Engine
+from .worker import Worker, WorkerOptions
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", help="a transformers model folder or a .gguf file "
+                        "(default with --engine hf: required)")
+    parser.add_argument("--model-names", help="comma-separated names clients use for this model "
+                        "(default: the model folder's name)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "xpu", "mps"])
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights dtype; auto = bfloat16/float16 on GPUs, float32 on CPU")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="split the model over this many GPUs (accelerate device map)")
+    parser.add_argument("--max-gpu-memory", help="per-GPU memory cap for the split, e.g. 20GiB")
+    parser.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--limit-worker-concurrency", type=int, default=8,
+                        help="jobs this worker runs at once (default 8)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0,
+                        help="seconds between registry heartbeats (default 1)")
+    parser.add_argument("--heartbeat-ttl", type=float, default=4.0,
+                        help="seconds after the last heartbeat until this worker counts as dead "
+                        "and its jobs are reclaimed (default 4)")
+    parser.add_argument("--max-deliveries", type=int, default=3,
+                        help="deliveries of one job before it goes to the dead-letter stream")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="seconds in-flight jobs get to finish on SIGTERM (default 30)")
+    parser.add_argument("--engine", default="hf", choices=["hf", "fake"],
+                        help="hf: transformers (default); fake: a deterministic test engine")
+    parser.add_argument("--fake-token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def model_names(args: argparse.Namespace) -> list[str]:
+    if args.model_names:
+        return [n.strip() for n in args.model_names.split(",") if n.strip()]
+    if args.model_path:
+        from pathlib import Path
+
+        path = Path(args.model_path.rstrip("/"))
+        return [path.stem if path.suffix == ".gguf" else path.name]
+    return ["fake"]
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    if args.engine == "fake":
+        from .fake_engine import FakeEngine
+
+        return FakeEngine(token_delay=args.fake_token_delay)
+    if not args.model_path:
+        raise SystemExit("tokenrelay worker: --model-path is required (a model folder or .gguf)")
+    from .hf_engine import HFEngine
+    from .loader import LoadOptions, load
+
+    model, tokenizer = load(LoadOptions(
+        model_path=args.model_path, device=args.device, dtype=args.dtype,
+        num_gpus=args.num_gpus, max_gpu_memory=args.max_gpu_memory, load_8bit=args.load_8bit,
+        trust_remote_code=args.trust_remote_code,
+    ))
+    return HFEngine(model, tokenizer)
+
+
+def run(args: argparse.Namespace) -> None:
+    engine = build_engine(args)
+    options = WorkerOptions(
+        models=model_names(args),
+        device=args.device,
+        concurrency=args.limit_worker_concurrency,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_ttl=args.heartbeat_ttl,
+        max_deliveries=args.max_deliveries,
+        shutdown_grace=args.shutdown_grace,
+    )
+    settings = RedisSettings(url=args.redis_url, prefix=args.key_prefix)
+    try:
+        asyncio.run(_serve(settings, engine, options))
+    finally:
+        engine.close()
+
+
+async def _serve(settings: RedisSettings, engine: Engine, options: WorkerOptions) -> None:
+    redis = connect(settings)
+    try:
+        await redis.ping()
+    except Exception as exc:
+        raise SystemExit(
+            f"tokenrelay worker: cannot reach Redis at {settings.url} ({exc}). Start Redis or "
+            "pass --redis-url (or run `tokenrelay serve`, which starts its own)."
+        ) from exc
+    worker = Worker(redis, settings.keys, engine, options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()

@@ -1,0 +1,65 @@
+"""Incremental detokenization with stop strings that never leak."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class TextTracker:
+    """Turns one sequence's token ids into safe-to-send text deltas.
+
+    Text that could still become a stop string, or an incomplete UTF-8 character, is held
+    back until the next token settles it.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]) -> None:
+        self.decode = decode
+        self.stop = [s for s in stop if s]
+        self.token_ids: list[int] = []
+        self.text = ""  # the whole decoded text so far
+        self.sent = 0  # characters of ``text`` already emitted
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Add a token; returns the new text that is safe to send (maybe empty)."""
+        self.token_ids.append(token_id)
+        self.text = self.decode(self.token_ids)
+        hit = self._find_stop()
+        if hit is not None:
+            self.stopped = True
+            return self._emit(hit)
+        end = len(self.text)
+        if self.text.endswith("\ufffd"):
+            end -= 1
+        return self._emit(end - self._held_back(end))
+
+    def flush(self) -> str:
+        """At the end of generation: whatever was held back is final text."""
+        if self.stopped:
+            return ""
+        return self._emit(len(self.text.rstrip("\ufffd")))
+
+    def _emit(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        out = self.text[self.sent : end]
+        self.sent = end
+        return out
+
+    def _find_stop(self) -> int | None:
+        if not self.stop:
+            return None
+        longest = max(len(s) for s in self.stop)
+        start = max(0, self.sent - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, end: int) -> int:
+        """Length of the longest tail of text[:end] that is a proper prefix of a stop."""
+        best = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, end - self.sent), best, -1):
+                if self.text[end - n : end] == stop[:n]:
+                    best = n
+                    break
+        return best

@@ -1,0 +1,316 @@
+"""The worker loop: pull jobs from the model's consumer group, run them, relay chunks.
+
+A job is acknowledged (and deleted from the stream) only after its last chunk is out, so a
+worker that dies mid-job leaves it pending; a live worker reclaims it once the dead one's
+heartbeat key has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokenrelay import __version__
+from tokenrelay.queueing.chunks import ChunkPublisher
+from tokenrelay.queueing.consumer import Delivery, JobConsumer
+from tokenrelay.queueing.keys import Keys
+from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job, Result, Usage
+from tokenrelay.queueing.registry import Registry, WorkerInfo
+
+from .engine import Engine, EngineEvent, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    models: list[str]
+    device: str = "cpu"
+    concurrency: int = 8
+    heartbeat_interval: float = 1.0
+    heartbeat_ttl: float = 4.0
+    max_deliveries: int = 3
+    chunk_ttl: int = 600
+    shutdown_grace: float = 30.0
+    worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:12]}")
+
+
+class Worker:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, engine: Engine, options: WorkerOptions):
+        self.redis = redis
+        self.keys = keys
+        self.engine = engine
+        self.options = options
+        self.consumer = JobConsumer(redis, keys, options.worker_id)
+        self.registry = Registry(redis, keys)
+        self.inflight: dict[str, asyncio.Task[None]] = {}  # stream entry id -> task
+        self.jobs: dict[str, Job] = {}  # stream entry id -> job
+        self._slot_free = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.info = WorkerInfo(
+            id=options.worker_id,
+            models=options.models,
+            device=options.device,
+            capacity=options.concurrency,
+            version=__version__,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            max_context=engine.max_context,
+            engine=engine.name,
+        )
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; then finish in-flight jobs within the grace period."""
+        await self.consumer.ensure_groups(self.options.models)
+        await self._heartbeat_once()
+        log.info(
+            "worker %s serving %s on %s (%d concurrent)",
+            self.options.worker_id, ",".join(self.options.models), self.options.device,
+            self.options.concurrency,
+        )
+        background = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self._cancel_loop(), name="cancel-watch"),
+        ]
+        try:
+            await self._read_loop()
+            await self._drain()
+        finally:
+            for task in background:
+                task.cancel()
+            with contextlib.suppress(RedisError, OSError):
+                await self.registry.deregister(self.info)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._slot_free.set()
+
+    async def _drain(self) -> None:
+        if not self.inflight:
+            return
+        log.info("waiting up to %.0fs for %d in-flight jobs", self.options.shutdown_grace,
+                 len(self.inflight))
+        _, pending = await asyncio.wait(
+            list(self.inflight.values()), timeout=self.options.shutdown_grace
+        )
+        for task in pending:  # left pending in Redis: another worker reclaims them
+            task.cancel()
+
+    # reading jobs
+
+    async def _read_loop(self) -> None:
+        own_pending = True  # on start and after a connection error, re-read our own first
+        while not self._stopping.is_set():
+            free = self.options.concurrency - len(self.inflight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                deliveries = await self.consumer.read(
+                    self.options.models, free, block_ms=1000, own_pending=own_pending
+                )
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("redis unreachable while reading jobs (%s); retrying", exc)
+                own_pending = True
+                await asyncio.sleep(1.0)
+                continue
+            if own_pending and not any(d.entry_id not in self.inflight for d in deliveries):
+                own_pending = False
+            for delivery in deliveries:
+                self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        if delivery.entry_id in self.inflight or self._stopping.is_set():
+            return
+        task = asyncio.create_task(self._run_job(delivery), name=f"job-{delivery.entry_id}")
+        self.inflight[delivery.entry_id] = task
+        task.add_done_callback(lambda _: self._finished(delivery.entry_id))
+
+    def _finished(self, entry_id: str) -> None:
+        self.inflight.pop(entry_id, None)
+        self.jobs.pop(entry_id, None)
+        self._slot_free.set()
+
+    # running one job
+
+    async def _run_job(self, delivery: Delivery) -> None:
+        try:
+            job = Job.model_validate_json(delivery.payload)
+        except ValidationError as exc:
+            log.error("dead-lettering malformed job %s: %s", delivery.entry_id, exc)
+            await self.consumer.dead_letter(delivery, f"malformed job: {exc}")
+            return
+        self.jobs[delivery.entry_id] = job
+        publisher = ChunkPublisher(
+            self.redis, self.keys, job.model, job.id, attempt=delivery.attempt,
+            ttl=self.options.chunk_ttl,
+        )
+        try:
+            if await self._should_skip(job, delivery, publisher):
+                await self.consumer.ack(job.model, delivery.entry_id)
+                return
+            await self._generate(job, publisher)
+            await self.consumer.ack(job.model, delivery.entry_id)
+        except asyncio.CancelledError:
+            self.engine.cancel(job.id)
+            raise
+        except RedisError as exc:
+            # Left unacked: this worker re-reads it, or another reclaims it.
+            log.error("redis failed during job %s (%s); it stays pending", job.id, exc)
+            self.engine.cancel(job.id)
+
+    async def _should_skip(self, job: Job, delivery: Delivery, publisher: ChunkPublisher) -> bool:
+        cancelled, = await self.consumer.is_cancelled(job.model, [job.id])
+        if cancelled:
+            log.info("job %s was cancelled before it started", job.id)
+            return True
+        if time.time() > job.deadline:
+            await publisher.send(error=ErrorInfo(
+                message="The request waited in the queue past its deadline.",
+                type="timeout", code="queue_timeout", status=503,
+            ))
+            return True
+        if delivery.attempt > self.options.max_deliveries:
+            log.error("job %s failed %d deliveries; dead-lettering", job.id, delivery.attempt - 1)
+            await self.consumer.dead_letter(delivery, "too many deliveries")
+            await publisher.send(error=ErrorInfo(
+                message=f"The request failed on {delivery.attempt - 1} workers in a row and "
+                "was set aside (dead-letter stream).",
+                type="server_error", code="dead_lettered", status=500,
+            ))
+            return True
+        if delivery.attempt > 1:
+            if job.stream and await publisher.has_sent_tokens():
+                await publisher.send(error=ErrorInfo(
+                    message="The worker serving this stream died after it had sent tokens; "
+                    "retry the request.",
+                    type="server_error", code="worker_lost", status=502,
+                ))
+                return True
+            await publisher.reset_log()
+            log.info("job %s re-delivered (attempt %d)", job.id, delivery.attempt)
+        return False
+
+    async def _generate(self, job: Job, publisher: ChunkPublisher) -> None:
+        n = job.params.n
+        texts = [""] * n
+        finish: list[str | None] = [None] * n
+        usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        handle = self.engine.submit(job)
+        try:
+            async for events in handle.stream():
+                deltas = _merge(events, texts, finish)
+                usage = _usage(events[-1])
+                if time.time() > job.deadline:
+                    self.engine.cancel(job.id)
+                    await publisher.send(error=ErrorInfo(
+                        message="The request ran past its deadline.", type="timeout",
+                        code="deadline_exceeded", status=503,
+                    ))
+                    return
+                if await publisher.send(deltas):
+                    log.info("job %s cancelled by its client", job.id)
+                    self.engine.cancel(job.id)
+                    return
+        except InvalidRequest as exc:
+            await publisher.send(error=ErrorInfo(
+                message=str(exc), type="invalid_request_error", code=exc.code, status=400
+            ))
+            return
+        except Exception as exc:
+            log.exception("engine failed on job %s", job.id)
+            await publisher.send(error=ErrorInfo(
+                message=f"The model failed on this request: {exc}", type="server_error",
+                code="engine_error", status=500,
+            ))
+            return
+        if None in finish:  # the engine ended the job early: cancelled
+            await publisher.send(error=ErrorInfo(
+                message="The request was cancelled.", type="cancelled", code="cancelled", status=499
+            ))
+            return
+        choices = [ChoiceDelta(index=i, text=t, finish_reason=finish[i]) for i, t in enumerate(texts)]
+        await publisher.send(usage=usage, result=Result(id=job.id, choices=choices, usage=usage))
+
+    # background duties
+
+    async def _heartbeat_once(self) -> None:
+        self.info.inflight = len(self.inflight)
+        await self.registry.heartbeat(self.info, self.options.heartbeat_ttl)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.heartbeat_interval)
+            try:
+                await self._heartbeat_once()
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _reclaim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.heartbeat_interval)
+            if self._stopping.is_set():
+                continue
+            for model in self.options.models:
+                free = self.options.concurrency - len(self.inflight)
+                if free <= 0:
+                    break
+                try:
+                    claimed = await self.consumer.reclaim(model, count=free)
+                except (RedisError, OSError) as exc:
+                    log.warning("reclaim failed: %s", exc)
+                    continue
+                for delivery in claimed:
+                    log.warning("reclaimed job %s from a dead worker", delivery.entry_id)
+                    self._start(delivery)
+
+    async def _cancel_loop(self) -> None:
+        """Notice cancellations of jobs that emit nothing for a while (long prefill, say)."""
+        while True:
+            await asyncio.sleep(0.25)
+            jobs = list(self.jobs.values())
+            for model in self.options.models:
+                mine = [j for j in jobs if j.model == model]
+                try:
+                    flags = await self.consumer.is_cancelled(model, [j.id for j in mine])
+                except (RedisError, OSError):
+                    continue
+                for job, cancelled in zip(mine, flags, strict=True):
+                    if cancelled:
+                        self.engine.cancel(job.id)
+
+
+def _merge(events: list[EngineEvent], texts: list[str], finish: list[str | None]) -> list[ChoiceDelta]:
+    """Fold a batch of engine events into one delta per choice, and into the totals."""
+    merged: dict[int, ChoiceDelta] = {}
+    for event in events:
+        for d in event.deltas:
+            texts[d.index] += d.text
+            if d.finish_reason:
+                finish[d.index] = d.finish_reason
+            cur = merged.setdefault(d.index, ChoiceDelta(index=d.index))
+            cur.text += d.text
+            cur.finish_reason = d.finish_reason or cur.finish_reason
+    return [merged[i] for i in sorted(merged)]
+
+
+def _usage(event: EngineEvent) -> Usage:
+    return Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
