@@ -30,8 +30,9 @@ def create_app(settings: APISettings) -> FastAPI:
             await relay.close()
             await redis.aclose()
 
-    app = FastAPI(title="tokenrelay", version=__version__, lifespan=lifespan,
-                  root_path=settings.root_path)
+    app = FastAPI(
+        title="tokenrelay", version=__version__, lifespan=lifespan, root_path=settings.root_path
+    )
     app.state.settings = settings
     errors.install(app)
     for module in (models, completions, health):

@@ -22,8 +22,9 @@ def require_key(request: Request) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
+        raise APIError(
+            401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+        )
     # compare_digest on every key: the time taken does not reveal which key nearly matched
     if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -32,8 +32,12 @@ class APIError(Exception):
 
     def body(self) -> dict[str, object]:
         return {
-            "error": {"message": self.message, "type": self.type, "param": self.param,
-                      "code": self.code}
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
         }
 
     def response(self) -> JSONResponse:
@@ -44,13 +48,22 @@ class APIError(Exception):
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the models "
-                    "served now.", code="model_not_found", param="model")
+    return APIError(
+        404,
+        f"The model '{model}' does not exist. GET /v1/models lists the models served now.",
+        code="model_not_found",
+        param="model",
+    )
 
 
 def overloaded(message: str, retry_after: float = 2.0, status: int = 429) -> APIError:
-    return APIError(status, message, type="server_overloaded" if status == 503 else
-                    "rate_limit_exceeded", code="overloaded", retry_after=retry_after)
+    return APIError(
+        status,
+        message,
+        type="server_overloaded" if status == 503 else "rate_limit_exceeded",
+        code="overloaded",
+        retry_after=retry_after,
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -70,8 +83,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return APIError(500, f"Internal error: {type(exc).__name__}. See the API server log.",
-                        type="server_error").response()
+        return APIError(
+            500,
+            f"Internal error: {type(exc).__name__}. See the API server log.",
+            type="server_error",
+        ).response()
 
 
 def _from_validation(exc: RequestValidationError) -> APIError:

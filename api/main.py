@@ -15,12 +15,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
-    parser.add_argument("--api-keys", help="comma-separated keys clients must send as "
-                        "'Authorization: Bearer KEY' (also TOKENRELAY_API_KEYS); none = open")
-    parser.add_argument("--max-queue", type=int, default=256,
-                        help="per-model queued + running jobs before new ones get 429")
-    parser.add_argument("--request-timeout", type=float, default=600.0,
-                        help="seconds a request may take, queue wait included (default 600)")
+    parser.add_argument(
+        "--api-keys",
+        help="comma-separated keys clients must send as "
+        "'Authorization: Bearer KEY' (also TOKENRELAY_API_KEYS); none = open",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="per-model queued + running jobs before new ones get 429",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take, queue wait included (default 600)",
+    )
     parser.add_argument("--root-path", default="", help="path prefix behind a proxy")
     parser.add_argument("--log-level", default="info")
 
@@ -44,5 +55,10 @@ def run(args: argparse.Namespace) -> None:
     from .app import create_app
 
     settings = settings_from(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=args.log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenrelay.queueing.messages import Chunk, ChoiceDelta, Job, Usage
+from tokenrelay.queueing.messages import ChoiceDelta, Chunk, Job, Usage
 
 
 @dataclass
@@ -32,8 +32,9 @@ class Formatter:
         body.update(extra)
         return body
 
-    def _choice(self, index: int, text: str | None, finish: str | None,
-                role: bool = False) -> dict[str, Any]:
+    def _choice(
+        self, index: int, text: str | None, finish: str | None, role: bool = False
+    ) -> dict[str, Any]:
         if not self.chat:
             return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         delta: dict[str, Any] = {}
@@ -47,8 +48,9 @@ class Formatter:
         """The role chunk of each choice (chat only)."""
         if not self.chat:
             return []
-        return [self._chunk([self._choice(i, None, None, role=True)])
-                for i in range(self.job.params.n)]
+        return [
+            self._chunk([self._choice(i, None, None, role=True)]) for i in range(self.job.params.n)
+        ]
 
     def deltas(self, deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
         out = []
@@ -64,12 +66,20 @@ class Formatter:
 
     def whole(self, texts: list[str], finish: list[str | None], usage: Usage | None) -> dict:
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                        "logprobs": None, "finish_reason": finish[i]}
-                       for i, t in enumerate(texts)]
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "logprobs": None,
+                    "finish_reason": finish[i],
+                }
+                for i, t in enumerate(texts)
+            ]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": finish[i]}
-                       for i, t in enumerate(texts)]
+            choices = [
+                {"index": i, "text": t, "logprobs": None, "finish_reason": finish[i]}
+                for i, t in enumerate(texts)
+            ]
         return {
             "id": self.job.id,
             "object": "chat.completion" if self.chat else "text_completion",

@@ -99,8 +99,13 @@ class ChatCompletionRequest(_Common):
 
     def to_job(self, timeout: float) -> Job:
         messages = [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
-        return self._job("chatcmpl", timeout, self.max_completion_tokens or self.max_tokens,
-                         kind="chat", messages=messages)
+        return self._job(
+            "chatcmpl",
+            timeout,
+            self.max_completion_tokens or self.max_tokens,
+            kind="chat",
+            messages=messages,
+        )
 
 
 class CompletionRequest(_Common):

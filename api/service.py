@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def redis_down(exc: Exception) -> APIError:
-    return APIError(503, f"The job queue (Redis) is unreachable: {exc}. Retry shortly.",
-                    type="server_overloaded", code="queue_unavailable", retry_after=2)
+    return APIError(
+        503,
+        f"The job queue (Redis) is unreachable: {exc}. Retry shortly.",
+        type="server_overloaded",
+        code="queue_unavailable",
+        retry_after=2,
+    )
 
 
 def error_from(info: ErrorInfo) -> APIError:
@@ -53,9 +58,18 @@ class Run:
                         return
         except TimeoutError:
             pass
-        yield Chunk(id=self.job.id, attempt=self.sub.attempt, seq=-1, done=True,
-                    error=ErrorInfo(message="The request ran past its deadline.",
-                                    type="timeout", code="deadline_exceeded", status=503))
+        yield Chunk(
+            id=self.job.id,
+            attempt=self.sub.attempt,
+            seq=-1,
+            done=True,
+            error=ErrorInfo(
+                message="The request ran past its deadline.",
+                type="timeout",
+                code="deadline_exceeded",
+                status=503,
+            ),
+        )
 
 
 class GenerationService:
@@ -83,14 +97,21 @@ class GenerationService:
                 raise redis_down(exc) from exc
             if not known:
                 raise model_not_found(model)
-            raise overloaded(f"No worker is serving '{model}' right now; start one with "
-                             f"`tokenrelay worker --model-names {model} ...`.", status=503,
-                             retry_after=5)
+            raise overloaded(
+                f"No worker is serving '{model}' right now; start one with "
+                f"`tokenrelay worker --model-names {model} ...`.",
+                status=503,
+                retry_after=5,
+            )
         context = max(w.max_context for w in workers)
         if max_tokens is not None and context and max_tokens >= context:
-            raise APIError(400, f"max_tokens={max_tokens} is beyond this model's context length "
-                           f"({context} tokens, prompt included).", param="max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} is beyond this model's context length "
+                f"({context} tokens, prompt included).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     @contextlib.asynccontextmanager
     async def generate(self, job: Job) -> AsyncIterator[Run]:
@@ -99,8 +120,10 @@ class GenerationService:
             async with self.relay.subscribe(job.model, job.id) as sub:
                 result = await self.queue.enqueue(job, max_depth=self.settings.max_queue)
                 if result.status == "full":
-                    raise overloaded(f"The queue for '{job.model}' is full ({result.detail} "
-                                     "requests waiting or running). Retry shortly.")
+                    raise overloaded(
+                        f"The queue for '{job.model}' is full ({result.detail} "
+                        "requests waiting or running). Retry shortly."
+                    )
                 run = Run(job, sub)
                 try:
                     yield run

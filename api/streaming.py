@@ -77,8 +77,14 @@ async def _events(
 
 def _render(fmt: Formatter, chunk: Chunk) -> list[dict[str, Any]]:
     if chunk.error:
-        return [APIError(chunk.error.status, chunk.error.message, type=chunk.error.type,
-                         code=chunk.error.code).body()]
+        return [
+            APIError(
+                chunk.error.status,
+                chunk.error.message,
+                type=chunk.error.type,
+                code=chunk.error.code,
+            ).body()
+        ]
     out = fmt.deltas(chunk.choices)
     if chunk.done and chunk.usage and fmt.include_usage:
         out.append(fmt.usage(chunk.usage))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from .keys import Keys
-from .messages import Chunk, ChoiceDelta, ErrorInfo, Result, Usage
+from .messages import ChoiceDelta, Chunk, ErrorInfo, Result, Usage
 
 
 class ChunkPublisher:
@@ -73,4 +73,3 @@ class ChunkPublisher:
 
     async def reset_log(self) -> None:
         await self.redis.delete(self._log)
-

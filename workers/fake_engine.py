@@ -71,14 +71,18 @@ class FakeEngine(Engine):
         prompt_tokens = len(prompt.split())
         max_tokens = job.params.max_tokens or DEFAULT_MAX_TOKENS
         if prompt_tokens + max_tokens > self.max_context:
-            raise InvalidRequest("prompt and max_tokens exceed the context", "context_length_exceeded")
+            raise InvalidRequest(
+                "prompt and max_tokens exceed the context", "context_length_exceeded"
+            )
         n = job.params.n
         for i in range(max_tokens):
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             last = i == max_tokens - 1
             deltas = [
-                ChoiceDelta(index=c, text=fake_token(job.id, i, c), finish_reason="length" if last else None)
+                ChoiceDelta(
+                    index=c, text=fake_token(job.id, i, c), finish_reason="length" if last else None
+                )
                 for c in range(n)
             ]
             handle.put(EngineEvent(deltas, prompt_tokens, (i + 1) * n))

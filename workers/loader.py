@@ -85,7 +85,7 @@ def load(options: LoadOptions):  # type: ignore[no-untyped-def]
     if options.device == "cuda" and (options.num_gpus > 1 or options.max_gpu_memory):
         kwargs["device_map"] = "auto"
         if options.max_gpu_memory:
-            kwargs["max_memory"] = {i: options.max_gpu_memory for i in range(options.num_gpus)}
+            kwargs["max_memory"] = dict.fromkeys(range(options.num_gpus), options.max_gpu_memory)
     elif options.device != "cpu":
         kwargs["device_map"] = options.device
     started = time.monotonic()

@@ -16,34 +16,69 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-path", help="a transformers model folder or a .gguf file "
-                        "(default with --engine hf: required)")
-    parser.add_argument("--model-names", help="comma-separated names clients use for this model "
-                        "(default: the model folder's name)")
+    parser.add_argument(
+        "--model-path",
+        help="a transformers model folder or a .gguf file (default with --engine hf: required)",
+    )
+    parser.add_argument(
+        "--model-names",
+        help="comma-separated names clients use for this model (default: the model folder's name)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "xpu", "mps"])
-    parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "float16", "bfloat16"],
-                        help="weights dtype; auto = bfloat16/float16 on GPUs, float32 on CPU")
-    parser.add_argument("--num-gpus", type=int, default=1,
-                        help="split the model over this many GPUs (accelerate device map)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights dtype; auto = bfloat16/float16 on GPUs, float32 on CPU",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="split the model over this many GPUs (accelerate device map)",
+    )
     parser.add_argument("--max-gpu-memory", help="per-GPU memory cap for the split, e.g. 20GiB")
     parser.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
     parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--limit-worker-concurrency", type=int, default=8,
-                        help="jobs this worker runs at once (default 8)")
+    parser.add_argument(
+        "--limit-worker-concurrency",
+        type=int,
+        default=8,
+        help="jobs this worker runs at once (default 8)",
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0,
-                        help="seconds between registry heartbeats (default 1)")
-    parser.add_argument("--heartbeat-ttl", type=float, default=4.0,
-                        help="seconds after the last heartbeat until this worker counts as dead "
-                        "and its jobs are reclaimed (default 4)")
-    parser.add_argument("--max-deliveries", type=int, default=3,
-                        help="deliveries of one job before it goes to the dead-letter stream")
-    parser.add_argument("--shutdown-grace", type=float, default=30.0,
-                        help="seconds in-flight jobs get to finish on SIGTERM (default 30)")
-    parser.add_argument("--engine", default="hf", choices=["hf", "fake"],
-                        help="hf: transformers (default); fake: a deterministic test engine")
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        help="seconds between registry heartbeats (default 1)",
+    )
+    parser.add_argument(
+        "--heartbeat-ttl",
+        type=float,
+        default=4.0,
+        help="seconds after the last heartbeat until this worker counts as dead "
+        "and its jobs are reclaimed (default 4)",
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=3,
+        help="deliveries of one job before it goes to the dead-letter stream",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight jobs get to finish on SIGTERM (default 30)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "fake"],
+        help="hf: transformers (default); fake: a deterministic test engine",
+    )
     parser.add_argument("--fake-token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
@@ -68,11 +103,17 @@ def build_engine(args: argparse.Namespace) -> Engine:
     from .hf_engine import HFEngine
     from .loader import LoadOptions, load
 
-    model, tokenizer = load(LoadOptions(
-        model_path=args.model_path, device=args.device, dtype=args.dtype,
-        num_gpus=args.num_gpus, max_gpu_memory=args.max_gpu_memory, load_8bit=args.load_8bit,
-        trust_remote_code=args.trust_remote_code,
-    ))
+    model, tokenizer = load(
+        LoadOptions(
+            model_path=args.model_path,
+            device=args.device,
+            dtype=args.dtype,
+            num_gpus=args.num_gpus,
+            max_gpu_memory=args.max_gpu_memory,
+            load_8bit=args.load_8bit,
+            trust_remote_code=args.trust_remote_code,
+        )
+    )
     return HFEngine(model, tokenizer)
 
 

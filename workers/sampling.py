@@ -16,7 +16,9 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
     """Next token ids for a (rows, vocab) logits tensor; temperature 0 is greedy."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)

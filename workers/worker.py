@@ -77,7 +77,9 @@ class Worker:
         await self._heartbeat_once()
         log.info(
             "worker %s serving %s on %s (%d concurrent)",
-            self.options.worker_id, ",".join(self.options.models), self.options.device,
+            self.options.worker_id,
+            ",".join(self.options.models),
+            self.options.device,
             self.options.concurrency,
         )
         background = [
@@ -101,8 +103,11 @@ class Worker:
     async def _drain(self) -> None:
         if not self.inflight:
             return
-        log.info("waiting up to %.0fs for %d in-flight jobs", self.options.shutdown_grace,
-                 len(self.inflight))
+        log.info(
+            "waiting up to %.0fs for %d in-flight jobs",
+            self.options.shutdown_grace,
+            len(self.inflight),
+        )
         _, pending = await asyncio.wait(
             list(self.inflight.values()), timeout=self.options.shutdown_grace
         )
@@ -156,7 +161,11 @@ class Worker:
             return
         self.jobs[delivery.entry_id] = job
         publisher = ChunkPublisher(
-            self.redis, self.keys, job.model, job.id, attempt=delivery.attempt,
+            self.redis,
+            self.keys,
+            job.model,
+            job.id,
+            attempt=delivery.attempt,
             ttl=self.options.chunk_ttl,
         )
         try:
@@ -174,32 +183,44 @@ class Worker:
             self.engine.cancel(job.id)
 
     async def _should_skip(self, job: Job, delivery: Delivery, publisher: ChunkPublisher) -> bool:
-        cancelled, = await self.consumer.is_cancelled(job.model, [job.id])
+        (cancelled,) = await self.consumer.is_cancelled(job.model, [job.id])
         if cancelled:
             log.info("job %s was cancelled before it started", job.id)
             return True
         if time.time() > job.deadline:
-            await publisher.send(error=ErrorInfo(
-                message="The request waited in the queue past its deadline.",
-                type="timeout", code="queue_timeout", status=503,
-            ))
+            await publisher.send(
+                error=ErrorInfo(
+                    message="The request waited in the queue past its deadline.",
+                    type="timeout",
+                    code="queue_timeout",
+                    status=503,
+                )
+            )
             return True
         if delivery.attempt > self.options.max_deliveries:
             log.error("job %s failed %d deliveries; dead-lettering", job.id, delivery.attempt - 1)
             await self.consumer.dead_letter(delivery, "too many deliveries")
-            await publisher.send(error=ErrorInfo(
-                message=f"The request failed on {delivery.attempt - 1} workers in a row and "
-                "was set aside (dead-letter stream).",
-                type="server_error", code="dead_lettered", status=500,
-            ))
+            await publisher.send(
+                error=ErrorInfo(
+                    message=f"The request failed on {delivery.attempt - 1} workers in a row and "
+                    "was set aside (dead-letter stream).",
+                    type="server_error",
+                    code="dead_lettered",
+                    status=500,
+                )
+            )
             return True
         if delivery.attempt > 1:
             if job.stream and await publisher.has_sent_tokens():
-                await publisher.send(error=ErrorInfo(
-                    message="The worker serving this stream died after it had sent tokens; "
-                    "retry the request.",
-                    type="server_error", code="worker_lost", status=502,
-                ))
+                await publisher.send(
+                    error=ErrorInfo(
+                        message="The worker serving this stream died after it had sent tokens; "
+                        "retry the request.",
+                        type="server_error",
+                        code="worker_lost",
+                        status=502,
+                    )
+                )
                 return True
             await publisher.reset_log()
             log.info("job %s re-delivered (attempt %d)", job.id, delivery.attempt)
@@ -217,33 +238,50 @@ class Worker:
                 usage = _usage(events[-1])
                 if time.time() > job.deadline:
                     self.engine.cancel(job.id)
-                    await publisher.send(error=ErrorInfo(
-                        message="The request ran past its deadline.", type="timeout",
-                        code="deadline_exceeded", status=503,
-                    ))
+                    await publisher.send(
+                        error=ErrorInfo(
+                            message="The request ran past its deadline.",
+                            type="timeout",
+                            code="deadline_exceeded",
+                            status=503,
+                        )
+                    )
                     return
                 if await publisher.send(deltas):
                     log.info("job %s cancelled by its client", job.id)
                     self.engine.cancel(job.id)
                     return
         except InvalidRequest as exc:
-            await publisher.send(error=ErrorInfo(
-                message=str(exc), type="invalid_request_error", code=exc.code, status=400
-            ))
+            await publisher.send(
+                error=ErrorInfo(
+                    message=str(exc), type="invalid_request_error", code=exc.code, status=400
+                )
+            )
             return
         except Exception as exc:
             log.exception("engine failed on job %s", job.id)
-            await publisher.send(error=ErrorInfo(
-                message=f"The model failed on this request: {exc}", type="server_error",
-                code="engine_error", status=500,
-            ))
+            await publisher.send(
+                error=ErrorInfo(
+                    message=f"The model failed on this request: {exc}",
+                    type="server_error",
+                    code="engine_error",
+                    status=500,
+                )
+            )
             return
         if None in finish:  # the engine ended the job early: cancelled
-            await publisher.send(error=ErrorInfo(
-                message="The request was cancelled.", type="cancelled", code="cancelled", status=499
-            ))
+            await publisher.send(
+                error=ErrorInfo(
+                    message="The request was cancelled.",
+                    type="cancelled",
+                    code="cancelled",
+                    status=499,
+                )
+            )
             return
-        choices = [ChoiceDelta(index=i, text=t, finish_reason=finish[i]) for i, t in enumerate(texts)]
+        choices = [
+            ChoiceDelta(index=i, text=t, finish_reason=finish[i]) for i, t in enumerate(texts)
+        ]
         await publisher.send(usage=usage, result=Result(id=job.id, choices=choices, usage=usage))
 
     # background duties
@@ -294,7 +332,9 @@ class Worker:
                         self.engine.cancel(job.id)
 
 
-def _merge(events: list[EngineEvent], texts: list[str], finish: list[str | None]) -> list[ChoiceDelta]:
+def _merge(
+    events: list[EngineEvent], texts: list[str], finish: list[str | None]
+) -> list[ChoiceDelta]:
     """Fold a batch of engine events into one delta per choice, and into the totals."""
     merged: dict[int, ChoiceDelta] = {}
     for event in events:

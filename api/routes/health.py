@@ -20,6 +20,11 @@ async def ready(service: Service) -> JSONResponse:
     """Redis answers and at least one worker is live."""
     models = await service.live_models()
     if not models:
-        raise APIError(503, "No worker is live yet.", type="server_overloaded",
-                       code="no_workers", retry_after=2)
+        raise APIError(
+            503,
+            "No worker is live yet.",
+            type="server_overloaded",
+            code="no_workers",
+            retry_after=2,
+        )
     return JSONResponse({"status": "ready", "models": sorted(models)})
