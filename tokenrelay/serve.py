@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import time
 import httpx
 
 from .embedded_redis import EmbeddedRedis
+
+DEMO_QUESTION = "What is the capital of France?"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,13 +148,13 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
 
 def _banner(url: str, model: str, keys: str | None) -> None:
     auth = f' -H "Authorization: Bearer {keys.split(",")[0]}"' if keys else ""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": DEMO_QUESTION}]})
     print(
         f"""
 tokenrelay is ready at {url}/v1  (model: {model})
 
   curl {url}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", \\
-          "content": "What is the capital of France?"}}]}}'
+    -d '{body}'
 
   tokenrelay chat --api-url {url}/v1 --model {model}
 
