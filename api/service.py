@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -48,28 +46,9 @@ class Run:
     finished: bool = False
 
     async def chunks(self) -> AsyncIterator[Chunk]:
-        timeout = max(0.0, self.job.deadline - time.time())
-        try:
-            async with asyncio.timeout(timeout):
-                async for chunk in self.sub.chunks():
-                    self.finished = chunk.done
-                    yield chunk
-                    if chunk.done:
-                        return
-        except TimeoutError:
-            pass
-        yield Chunk(
-            id=self.job.id,
-            attempt=self.sub.attempt,
-            seq=-1,
-            done=True,
-            error=ErrorInfo(
-                message="The request ran past its deadline.",
-                type="timeout",
-                code="deadline_exceeded",
-                status=503,
-            ),
-        )
+        async for chunk in self.sub.chunks(self.job.deadline):
+            self.finished = chunk.done
+            yield chunk
 
 
 class GenerationService:

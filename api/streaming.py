@@ -9,13 +9,15 @@ job's cancel key (in a shielded scope), which the worker checks between steps.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import anyio
-from fastapi.responses import JSONResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from tokenrelay.queueing.messages import Chunk, Job
@@ -24,11 +26,33 @@ from .errors import APIError
 from .openai_format import Collector, Formatter
 from .service import GenerationService, error_from
 
+DISCONNECT_POLL = 0.25  # seconds between checks for a client gone before its answer
 
-async def respond(service: GenerationService, job: Job, include_usage: bool) -> Any:
+
+async def respond(
+    service: GenerationService, job: Job, include_usage: bool, request: Request
+) -> Any:
+    """Answer ``job``; a client that leaves before the answer starts cancels it."""
     if job.stream:
-        return await _stream(service, job, Formatter(job, include_usage))
-    return await _whole(service, job)
+        work = _stream(service, job, Formatter(job, include_usage))
+    else:
+        work = _whole(service, job)
+    return await _unless_disconnected(request, work)
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``work`` while watching the client; if it goes away, cancel ``work`` (whose
+    cleanup cancels the job, even one still queued)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return Response(status_code=499)
 
 
 async def _whole(service: GenerationService, job: Job) -> JSONResponse:

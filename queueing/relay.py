@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .keys import Keys
-from .messages import Chunk
+from .messages import Chunk, ErrorInfo
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,18 @@ class Subscription:
         self.attempt = 1
         self.next_seq = 0
 
-    async def chunks(self, *, poll_interval: float = 1.0) -> AsyncIterator[Chunk]:
-        """Yield chunks until a ``done`` one; a new attempt restarts the numbering."""
+    async def chunks(self, deadline: float, *, poll_interval: float = 1.0) -> AsyncIterator[Chunk]:
+        """Yield chunks until a ``done`` one; a new attempt restarts the numbering.
+
+        Past ``deadline`` (unix seconds) it yields a final timeout error chunk instead.
+        """
         while True:
+            left = deadline - time.time()
+            if left <= 0:
+                yield _deadline_chunk(self)
+                return
             try:
-                arrived = [await asyncio.wait_for(self.inbox.get(), poll_interval)]
+                arrived = [await asyncio.wait_for(self.inbox.get(), min(poll_interval, left))]
             except TimeoutError:
                 arrived = await self._from_log()
             for chunk in self._accept(arrived):
@@ -149,3 +157,18 @@ class ChunkRelay:
                 sub.inbox.put_nowait(Chunk.model_validate_json(message["data"]))
             except ValueError:
                 log.error("dropping a malformed chunk on %s", sub.channel)
+
+
+def _deadline_chunk(sub: Subscription) -> Chunk:
+    return Chunk(
+        id=sub.channel.rsplit(":", 1)[-1],
+        attempt=sub.attempt,
+        seq=sub.next_seq,
+        done=True,
+        error=ErrorInfo(
+            message="The request ran past its deadline.",
+            type="timeout",
+            code="deadline_exceeded",
+            status=503,
+        ),
+    )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from ..deps import Authorized, Service
 from ..schemas import ChatCompletionRequest, CompletionRequest
@@ -12,14 +12,14 @@ router = APIRouter(dependencies=Authorized)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, service: Service) -> Any:
+async def chat_completions(body: ChatCompletionRequest, service: Service, request: Request) -> Any:
     job = body.to_job(service.settings.request_timeout)
     await service.check(job.model, job.params.max_tokens)
-    return await respond(service, job, body.include_usage)
+    return await respond(service, job, body.include_usage, request)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, service: Service) -> Any:
+async def completions(body: CompletionRequest, service: Service, request: Request) -> Any:
     job = body.to_job(service.settings.request_timeout)
     await service.check(job.model, job.params.max_tokens)
-    return await respond(service, job, body.include_usage)
+    return await respond(service, job, body.include_usage, request)
