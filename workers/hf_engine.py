@@ -49,7 +49,7 @@ class HFEngine(Engine):
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -201,7 +201,7 @@ class _Closed(Exception):
     pass
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
         value = getattr(source, "eos_token_id", None)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-path",
-        help="a transformers model folder or a .gguf file (default with --engine hf: required)",
+        help="a transformers model folder or a .gguf file (required unless --engine fake)",
     )
     parser.add_argument(
         "--model-names",
@@ -75,9 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--engine",
-        default="hf",
-        choices=["hf", "fake"],
-        help="hf: transformers (default); fake: a deterministic test engine",
+        default="auto",
+        choices=["auto", "batch", "hf", "fake"],
+        help="batch: continuous batching over a slotted KV cache (Llama, Mistral, Qwen2 "
+        "shapes; CUDA graphs on GPUs); hf: transformers' forward, one job per step, any "
+        "model; auto: batch where the model allows, else hf; fake: a deterministic test "
+        "engine with no model",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="longest sequence (prompt + completion) the batch engine keeps KV cache for; "
+        "capped at the model's own context length",
     )
     parser.add_argument("--fake-token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
@@ -101,6 +111,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     if not args.model_path:
         raise SystemExit("tokenrelay worker: --model-path is required (a model folder or .gguf)")
     from .hf_engine import HFEngine
+    from .llama_runner import supports
     from .loader import LoadOptions, load
 
     model, tokenizer = load(
@@ -114,6 +125,17 @@ def build_engine(args: argparse.Namespace) -> Engine:
             trust_remote_code=args.trust_remote_code,
         )
     )
+    if args.engine == "batch" or (args.engine == "auto" and supports(model)):
+        if not supports(model):
+            raise SystemExit(
+                f"--engine batch supports Llama, Mistral and Qwen2 shaped models, not "
+                f"{model.config.model_type!r}; use --engine hf"
+            )
+        from .batch_engine import BatchEngine
+
+        return BatchEngine(
+            model, tokenizer, slots=args.limit_worker_concurrency, max_len=args.max_model_len
+        )
     return HFEngine(model, tokenizer)
 
 

@@ -35,3 +35,50 @@ def sample(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: list[SamplingParams | None],
+    generators: list[torch.Generator | None],
+    shared: torch.Generator,
+) -> torch.Tensor:
+    """Sample one token per row of (rows, vocab) logits in a few batched kernels.
+
+    Each row has its own parameters (None = an idle row, taken greedily). Sampling is an
+    exponential race, argmax(p / E) with E ~ Exp(1), which draws from p exactly; a row with
+    its own generator (a request with a seed) draws its own E, so its tokens do not depend on
+    what else is in the batch.
+    """
+    greedy = logits.argmax(dim=-1)
+    live = [p for p in params if p is not None and p.temperature > 0]
+    if not live:
+        return greedy
+    device = logits.device
+    temps = torch.tensor([p.temperature if p else 0.0 for p in params], device=device)
+    scaled = logits.float() / temps.clamp(min=1e-5)[:, None]
+    filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in live)
+    if filtered:
+        scaled, order = _filter(scaled, params)
+    noise = torch.empty_like(scaled).exponential_(generator=shared)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    picked = (torch.softmax(scaled, dim=-1) / noise).argmax(dim=-1)
+    if filtered:
+        picked = order.gather(-1, picked[:, None])[:, 0]
+    return torch.where(temps > 0, picked, greedy)
+
+
+def _filter(scaled: torch.Tensor, params: list[SamplingParams | None]) -> tuple[torch.Tensor, ...]:
+    """Top-k and top-p per row, on the logits sorted in descending order."""
+    vocab = scaled.shape[-1]
+    device = scaled.device
+    top_k = torch.tensor([(p.top_k or vocab) if p else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p if p else 1.0 for p in params], device=device)
+    ordered, order = torch.sort(scaled, descending=True, dim=-1)
+    rank = torch.arange(vocab, device=device)[None]
+    ordered = ordered.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    ordered = ordered.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))
+    return ordered, order

@@ -1,0 +1,271 @@
+"""A continuous-batching engine: every running sequence decodes in one batch per step.
+
+Jobs join between steps (their prompt is prefilled into free cache slots) and leave when
+they finish or are cancelled, freeing their slots for the next step. Each job keeps its
+own sampling parameters, seed, stop strings and stop tokens. The ``n`` choices of a job take
+``n`` slots that share one prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
+
+from .engine import Engine, EngineEvent, InvalidRequest, JobHandle
+from .hf_engine import eos_ids
+from .llama_runner import LlamaRunner
+from .prompts import encode_prompt
+from .sampling import make_generator, sample, sample_rows
+from .text import TextTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Seq:
+    slot: int
+    tracker: TextTracker
+    length: int  # tokens in the cache
+    last: int = 0  # the token to feed next
+    finish: str | None = None
+
+
+@dataclass
+class _Run:
+    job: Job
+    handle: JobHandle
+    prompt_len: int
+    max_tokens: int
+    generator: torch.Generator
+    stop_ids: set[int]
+    seqs: list[_Seq] = field(default_factory=list)
+    generated: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish is not None for s in self.seqs)
+
+
+class BatchEngine(Engine):
+    name = "batch"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        slots: int = 64,
+        max_len: int | None = None,
+        prefill_budget: int = 4096,
+    ) -> None:
+        config_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+        self.max_context = min(max_len or config_len, config_len)
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids(model, tokenizer)
+        self.runner = LlamaRunner(model, slots, self.max_context)
+        self.device = self.runner.device
+        self.prefill_budget = prefill_budget
+        self._shared = torch.Generator(device=self.device)
+        self._shared.seed()
+        self._free = list(range(slots))
+        self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
+        self._waiting: list[tuple[Job, JobHandle]] = []
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        log.info(
+            "batch engine: %d slots x %d tokens, KV cache %.2f GiB",
+            slots,
+            self.max_context,
+            self.runner.kv_bytes / 2**30,
+        )
+        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> JobHandle:
+        handle = JobHandle(job.id, asyncio.get_running_loop())
+        self._inbox.put((job, handle))
+        return handle
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    # engine thread
+
+    def _loop(self) -> None:
+        running: list[_Run] = []
+        while not self._closed:
+            self._collect(block=not running and not self._waiting)
+            running += self._admit()
+            running = [r for r in running if not self._drop_cancelled(r)]
+            running = self._end_finished(running)
+            if not running:
+                continue
+            try:
+                self._step(running)
+            except Exception as exc:  # a failed step fails the jobs in it, not the worker
+                log.exception("decode step failed")
+                for r in running:
+                    self._end(r, exc)
+                running = []
+            running = self._end_finished(running)
+        for r in running:
+            self._end(r)
+
+    def _collect(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    self._closed = True
+                else:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> list[_Run]:
+        """Prefill waiting jobs while slots and this step's prefill budget last."""
+        admitted, budget = [], self.prefill_budget
+        while self._waiting and budget > 0:
+            job, handle = self._waiting[0]
+            if job.params.n > self.runner.slots:
+                self._waiting.pop(0)
+                handle.put(
+                    InvalidRequest(
+                        f"n={job.params.n} is more than this worker's "
+                        f"{self.runner.slots} sequence slots"
+                    )
+                )
+                handle.close()
+                continue
+            if job.params.n > len(self._free):
+                break
+            self._waiting.pop(0)
+            try:
+                run = self._prefill(job, handle)
+            except Exception as exc:
+                if not isinstance(exc, InvalidRequest):
+                    log.exception("prefill failed for %s", job.id)
+                handle.put(exc)
+                handle.close()
+                continue
+            budget -= run.prompt_len
+            admitted.append(run)
+        return admitted
+
+    def _prefill(self, job: Job, handle: JobHandle) -> _Run:
+        ids = encode_prompt(self.tokenizer, job)
+        max_tokens = self._max_tokens(job, len(ids))
+        params = job.params
+        run = _Run(
+            job=job,
+            handle=handle,
+            prompt_len=len(ids),
+            max_tokens=max_tokens,
+            generator=make_generator(params, self.device),
+            stop_ids=set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids),
+        )
+        slots = [self._free.pop(0) for _ in range(params.n)]
+        self._free.sort()
+        logits = self.runner.prefill(slots[0], ids)
+        for slot in slots[1:]:
+            self.runner.copy_slot(slots[0], slot, len(ids))
+        run.seqs = [_Seq(slot, TextTracker(self._decode, params.stop), len(ids)) for slot in slots]
+        first = sample(logits.expand(params.n, -1), params, run.generator).tolist()
+        self._advance(run, first)
+        return run
+
+    def _max_tokens(self, job: Job, prompt_len: int) -> int:
+        room = self.max_context - prompt_len
+        asked = job.params.max_tokens
+        if room <= 0 or (asked is not None and asked > room):
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_context} tokens. However, "
+                f"you requested {prompt_len + (asked or 0)} tokens ({prompt_len} in the "
+                f"messages, {asked or 0} in the completion). Please reduce the length of the "
+                "messages or completion.",
+                code="context_length_exceeded",
+            )
+        return asked if asked is not None else room
+
+    def _end_finished(self, running: list[_Run]) -> list[_Run]:
+        for run in running:
+            if run.done:
+                self._end(run)
+        return [r for r in running if not r.done]
+
+    def _drop_cancelled(self, run: _Run) -> bool:
+        with self._lock:
+            cancelled = run.job.id in self._cancelled
+            self._cancelled.discard(run.job.id)
+        if cancelled:
+            self._end(run)
+        return cancelled
+
+    def _step(self, running: list[_Run]) -> None:
+        live = [(r, s) for r in running for s in r.seqs if s.finish is None]
+        width = max(s.slot for _, s in live) + 1
+        tokens = torch.zeros(width, dtype=torch.long)
+        positions = torch.zeros(width, dtype=torch.long)
+        params: list[SamplingParams | None] = [None] * width
+        generators: list[torch.Generator | None] = [None] * width
+        for run, s in live:
+            tokens[s.slot], positions[s.slot] = s.last, s.length
+            params[s.slot] = run.job.params
+            generators[s.slot] = run.generator if run.job.params.seed is not None else None
+        logits = self.runner.decode(tokens.to(self.device), positions.to(self.device))
+        picked = sample_rows(logits, params, generators, self._shared).tolist()
+        for _, s in live:
+            s.length += 1
+        for run in running:
+            self._advance(run, [picked[s.slot] for s in run.seqs])
+
+    def _advance(self, run: _Run, tokens: list[int]) -> None:
+        """Take one new token per live choice; emit text and finish reasons."""
+        run.generated += 1
+        deltas = []
+        for seq, token in zip(run.seqs, tokens, strict=True):
+            if seq.finish is not None:
+                continue
+            run.completion_tokens += 1
+            seq.last = token
+            text = ""
+            if token in run.stop_ids:
+                text, seq.finish = seq.tracker.flush(), "stop"
+            else:
+                text = seq.tracker.add(token)
+                if seq.tracker.stopped:
+                    seq.finish = "stop"
+                elif run.generated >= run.max_tokens or seq.length + 1 >= self.max_context:
+                    text, seq.finish = text + seq.tracker.flush(), "length"
+            if text or seq.finish:
+                index = run.seqs.index(seq)
+                deltas.append(ChoiceDelta(index=index, text=text, finish_reason=seq.finish))
+        if deltas:
+            run.handle.put(EngineEvent(deltas, run.prompt_len, run.completion_tokens))
+
+    def _end(self, run: _Run, error: BaseException | None = None) -> None:
+        for seq in run.seqs:
+            self._free.append(seq.slot)
+        self._free.sort()
+        if error is not None:
+            run.handle.put(error)
+        run.handle.close()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
