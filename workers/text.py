@@ -16,28 +16,42 @@ class TextTracker:
         self.decode = decode
         self.stop = [s for s in stop if s]
         self.token_ids: list[int] = []
-        self.text = ""  # the whole decoded text so far
+        self.text = ""  # the decoded text so far
         self.sent = 0  # characters of ``text`` already emitted
         self.stopped = False
+        # Only a short window of tokens is decoded per step (as vLLM does): ids from
+        # ``_prefix`` to ``_read`` are already in ``text``, those before ``_prefix`` are
+        # settled. Decoding from ``_prefix`` keeps word-boundary spaces right.
+        self._prefix = 0
+        self._read = 0
 
     def add(self, token_id: int) -> str:
         """Add a token; returns the new text that is safe to send (maybe empty)."""
         self.token_ids.append(token_id)
-        self.text = self.decode(self.token_ids)
+        self._decode_new(final=False)
         hit = self._find_stop()
         if hit is not None:
             self.stopped = True
             return self._emit(hit)
         end = len(self.text)
-        if self.text.endswith("\ufffd"):
-            end -= 1
         return self._emit(end - self._held_back(end))
 
     def flush(self) -> str:
         """At the end of generation: whatever was held back is final text."""
         if self.stopped:
             return ""
-        return self._emit(len(self.text.rstrip("\ufffd")))
+        self._decode_new(final=True)
+        return self._emit(len(self.text))
+
+    def _decode_new(self, final: bool) -> None:
+        settled = self.decode(self.token_ids[self._prefix : self._read])
+        window = self.decode(self.token_ids[self._prefix :])
+        if final:
+            window = window.rstrip("\ufffd")
+        # A window ending in U+FFFD is a character still split across tokens: wait.
+        if len(window) > len(settled) and not window.endswith("\ufffd"):
+            self.text += window[len(settled) :]
+            self._prefix, self._read = self._read, len(self.token_ids)
 
     def _emit(self, end: int) -> str:
         if end <= self.sent:
