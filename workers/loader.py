@@ -74,6 +74,8 @@ def load(options: LoadOptions):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_device(options.device)
+    if options.model_path.startswith("random:"):
+        return _random(options)
     source, extra = _source(options.model_path)
     kwargs: dict[str, object] = {
         "dtype": resolve_dtype(options.dtype, options.device),
@@ -106,3 +108,14 @@ def _eight_bit():  # type: ignore[no-untyped-def]
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _random(options: LoadOptions):  # type: ignore[no-untyped-def]
+    """``random:1b`` / ``random:8b``: a Llama shape with random weights, for benchmarks."""
+    from tokenrelay.bench.models import SHAPES, random_llama, synthetic_tokenizer
+
+    shape = options.model_path.removeprefix("random:")
+    if shape not in SHAPES:
+        raise SystemExit(f"--model-path random:{shape}: shapes are {', '.join(SHAPES)}")
+    dtype = resolve_dtype(options.dtype, options.device)
+    return random_llama(shape, options.device, dtype), synthetic_tokenizer()

@@ -76,10 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "batch", "hf", "fake"],
+        choices=["auto", "batch", "hf", "generate", "fake"],
         help="batch: continuous batching over a slotted KV cache (Llama, Mistral, Qwen2 "
         "shapes; CUDA graphs on GPUs); hf: transformers' forward, one job per step, any "
-        "model; auto: batch where the model allows, else hf; fake: a deterministic test "
+        "model; generate: FastChat's way, one request at a time through generate() (a "
+        "benchmark baseline); auto: batch where the model allows, else hf; fake: a "
+        "deterministic test "
         "engine with no model",
     )
     parser.add_argument(
@@ -125,6 +127,10 @@ def build_engine(args: argparse.Namespace) -> Engine:
             trust_remote_code=args.trust_remote_code,
         )
     )
+    if args.engine == "generate":
+        from .generate_engine import GenerateEngine
+
+        return GenerateEngine(model, tokenizer)
     if args.engine == "batch" or (args.engine == "auto" and supports(model)):
         if not supports(model):
             raise SystemExit(

@@ -1,0 +1,147 @@
+"""Drive N concurrent streams, either into an engine in-process or through the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from tokenrelay.queueing.messages import Job, SamplingParams
+from tokenrelay.workers.engine import Engine
+
+from .models import prompt_words
+from .stats import Record
+
+
+@dataclass
+class Workload:
+    prompt_len: int = 128
+    output_len: int = 256
+    profile: str = "fixed"  # fixed | mixed
+    temperature: float = 0.0
+
+    def lengths(self, index: int) -> tuple[int, int]:
+        if self.profile == "fixed":
+            return self.prompt_len, self.output_len
+        rng = random.Random(index)  # the same mix every run
+        return rng.randint(16, 2 * self.prompt_len), rng.randint(16, 2 * self.output_len)
+
+    def body(self, model: str, index: int) -> dict[str, object]:
+        prompt_len, output_len = self.lengths(index)
+        return {
+            "model": model,
+            "prompt": prompt_words(prompt_len, index),
+            "max_tokens": output_len,
+            "temperature": self.temperature,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    def job(self, model: str, index: int) -> Job:
+        body = self.body(model, index)
+        return Job(
+            id=f"bench-{index}-{time.monotonic_ns()}",
+            model=model,
+            kind="completion",
+            prompt=str(body["prompt"]),
+            params=SamplingParams(
+                temperature=self.temperature,
+                max_tokens=int(body["max_tokens"]),  # type: ignore[call-overload]
+                ignore_eos=True,
+            ),
+            stream=True,
+            created=int(time.time()),
+            deadline=time.time() + 3600,
+        )
+
+
+async def _clients(concurrency: int, requests: int, one) -> list[Record]:  # type: ignore[no-untyped-def]
+    """``concurrency`` clients share ``requests`` requests, each sent when a client is free."""
+    counter = iter(range(requests))
+    records: list[Record] = []
+
+    async def client() -> None:
+        for index in counter:
+            records.append(await one(index))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return records
+
+
+async def run_engine(
+    engine: Engine, workload: Workload, concurrency: int, requests: int
+) -> list[Record]:
+    async def one(index: int) -> Record:
+        record = Record(start=time.perf_counter())
+        last = record.start
+        try:
+            async for events in engine.submit(workload.job("bench", index)).stream():
+                now = time.perf_counter()
+                if any(d.text for e in events for d in e.deltas):
+                    if record.first is None:
+                        record.first = now
+                    else:
+                        record.gaps.append(now - last)
+                    last = now
+                record.tokens = events[-1].completion_tokens
+        except Exception as exc:
+            record.error = repr(exc)
+        record.end = time.perf_counter()
+        return record
+
+    return await _clients(concurrency, requests, one)
+
+
+async def run_http(
+    base_url: str,
+    model: str,
+    workload: Workload,
+    concurrency: int,
+    requests: int,
+    api_key: str = "EMPTY",
+) -> list[Record]:
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=3600, limits=limits, headers=headers
+    ) as http:
+
+        async def one(index: int) -> Record:
+            record = Record(start=time.perf_counter())
+            try:
+                await _stream(http, workload.body(model, index), record)
+            except Exception as exc:
+                record.error = repr(exc)
+            record.end = time.perf_counter()
+            return record
+
+        return await _clients(concurrency, requests, one)
+
+
+async def _stream(http: httpx.AsyncClient, body: dict[str, object], record: Record) -> None:
+    last = record.start
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                record.error = str(event["error"])
+                return
+            now = time.perf_counter()
+            if event.get("usage"):
+                record.tokens = event["usage"]["completion_tokens"]
+            if any(c.get("text") for c in event.get("choices", [])):
+                if record.first is None:
+                    record.first = now
+                else:
+                    record.gaps.append(now - last)
+                last = now

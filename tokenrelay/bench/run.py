@@ -1,0 +1,258 @@
+"""`tokenrelay bench`: the same load, side by side, against FastChat's way, the engine
+in-process, and the whole stack (API + Redis + worker), with the bandwidth roofline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .load import Workload, run_engine, run_http
+from .stats import markdown, summarize
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-path",
+        default="random:1b",
+        help="model folder, .gguf, or random:1b / random:8b (random weights)",
+    )
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda", "xpu", "mps"])
+    parser.add_argument(
+        "--modes",
+        default="baseline,engine,stack",
+        help="comma-separated: baseline (FastChat's way: generate(), one at a "
+        "time, in-process), engine (batch engine in-process), stack (API + "
+        "Redis + worker over HTTP), http (an already running server: --api-url)",
+    )
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument(
+        "--baseline-max-concurrency",
+        type=int,
+        default=16,
+        help="the one-at-a-time baseline runs only up to this concurrency",
+    )
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--profile", default="fixed", choices=["fixed", "mixed"])
+    parser.add_argument("--api-url", help="with mode http: the server's base URL (no /v1)")
+    parser.add_argument("--model-name", default="bench", help="with mode http: the model name")
+    parser.add_argument("--label", help="name of this run in the table (default: model path)")
+    parser.add_argument(
+        "--out",
+        default="bench-results.json",
+        help="JSON results; a markdown table goes beside it (.md)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workload = Workload(args.prompt_len, args.output_len, args.profile)
+    label = args.label or args.model_path
+    rows: list[dict[str, object]] = []
+    modes = args.modes.split(",")
+    if "engine" in modes or "baseline" in modes:
+        rows += _in_process(args, modes, levels, workload)
+    if "stack" in modes:
+        rows += _stack(args, levels, workload)
+    if "http" in modes:
+        for c in levels:
+            rows.append(_measure_http(args.api_url, args.model_name, workload, c, args, "http"))
+    for row in rows:
+        row["model"] = label
+    out = Path(args.out)
+    out.write_text(json.dumps(rows, indent=2))
+    out.with_suffix(".md").write_text(markdown(rows) + "\n")
+    print(markdown(rows), flush=True)
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _requests(args: argparse.Namespace, concurrency: int) -> int:
+    return concurrency * args.requests_per_client
+
+
+def _in_process(
+    args: argparse.Namespace, modes: list[str], levels: list[int], workload: Workload
+) -> list[dict[str, object]]:
+    import torch
+
+    from tokenrelay.workers.batch_engine import BatchEngine
+    from tokenrelay.workers.generate_engine import GenerateEngine
+    from tokenrelay.workers.loader import LoadOptions, load
+
+    model, tokenizer = load(LoadOptions(model_path=args.model_path, device=args.device))
+    roofline = _roofline(model, workload, args.device)
+    rows = []
+    if "baseline" in modes:
+        engine = GenerateEngine(model, tokenizer)
+        for c in [c for c in levels if c <= args.baseline_max_concurrency]:
+            rows.append(_measure_engine(engine, workload, c, _requests(args, c), "baseline"))
+            rows[-1]["roofline_tok_s"] = roofline(1)
+        engine.close()
+    if "engine" in modes:
+        max_len = 2 * (args.prompt_len + args.output_len) + 8
+        engine = BatchEngine(model, tokenizer, slots=max(levels), max_len=max_len)
+        for c in levels:
+            rows.append(_measure_engine(engine, workload, c, _requests(args, c), "engine"))
+            rows[-1]["roofline_tok_s"] = roofline(c)
+        engine.close()
+        del engine
+    del model
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _measure_engine(
+    engine,
+    workload: Workload,
+    concurrency: int,
+    requests: int,  # type: ignore[no-untyped-def]
+    mode: str,
+) -> dict[str, object]:
+    _log(f"{mode}: warm-up at concurrency {concurrency}")
+    asyncio.run(run_engine(engine, Workload(16, 8, "fixed"), concurrency, concurrency))
+    _log(f"{mode}: {requests} requests at concurrency {concurrency}")
+    records = asyncio.run(run_engine(engine, workload, concurrency, requests))
+    row = summarize(records, mode, concurrency)
+    _log(str(row))
+    return row
+
+
+def _stack(
+    args: argparse.Namespace, levels: list[int], workload: Workload
+) -> list[dict[str, object]]:
+    from tokenrelay.embedded_redis import EmbeddedRedis, free_port
+
+    redis = EmbeddedRedis().start()
+    port = free_port()
+    max_len = 2 * (args.prompt_len + args.output_len) + 8
+    common = ["--redis-url", redis.url]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tokenrelay",
+                "worker",
+                "--model-path",
+                args.model_path,
+                "--model-names",
+                "bench",
+                "--device",
+                args.device,
+                "--limit-worker-concurrency",
+                str(max(levels)),
+                "--max-model-len",
+                str(max_len),
+                *common,
+            ]
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tokenrelay",
+                "api",
+                "--port",
+                str(port),
+                "--max-queue",
+                str(10 * max(levels)),
+                "--log-level",
+                "warning",
+                *common,
+            ]
+        ),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, procs)
+        return [_measure_http(url, "bench", workload, c, args, "stack") for c in levels]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(60)
+        redis.stop()
+
+
+def _measure_http(
+    url: str, model: str, workload: Workload, concurrency: int, args: argparse.Namespace, mode: str
+) -> dict[str, object]:
+    _log(f"{mode}: warm-up at concurrency {concurrency}")
+    asyncio.run(run_http(url, model, Workload(16, 8, "fixed"), concurrency, concurrency))
+    requests = _requests(args, concurrency)
+    _log(f"{mode}: {requests} requests at concurrency {concurrency}")
+    records = asyncio.run(run_http(url, model, workload, concurrency, requests))
+    row = summarize(records, mode, concurrency)
+    _log(str(row))
+    return row
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("bench: a stack process exited during start-up")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit("bench: the stack did not become ready")
+
+
+def _roofline(model, workload: Workload, device: str):  # type: ignore[no-untyped-def]
+    """Tokens/s if each decode step only had to stream the weights and live KV once."""
+    import torch
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    context = workload.prompt_len + workload.output_len / 2
+    bandwidth = _copy_bandwidth(device) if device == "cuda" else None
+    shown = f"{bandwidth / 1e12:.2f} TB/s" if bandwidth else "not measured"
+    _log(
+        f"weights {weights / 2**30:.2f} GiB, KV {kv_per_token / 1024:.0f} KiB/token, "
+        f"copy bandwidth {shown}"
+    )
+
+    def at(batch: int) -> float | str:
+        if not bandwidth:
+            return ""
+        step = (weights + batch * context * kv_per_token) / bandwidth
+        return round(batch / step, 1)
+
+    del torch
+    return at
+
+
+def _copy_bandwidth(device: str) -> float:
+    import torch
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / 10
+    return 2 * src.numel() / seconds  # bytes read + written
