@@ -18,7 +18,8 @@ class RedisSettings:
     # Over the longest blocking read (XREADGROUP BLOCK is 1 s), so a block never times out.
     socket_timeout: float = 10.0
     connect_timeout: float = 3.0
-    max_connections: int = 64
+    max_connections: int = 256
+    pool_timeout: float = 20.0  # waiting for a free pooled connection
     retries: int = 2
 
     @property
@@ -35,7 +36,7 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
-        timeout=settings.connect_timeout,
+        timeout=settings.pool_timeout,
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
         protocol=2,

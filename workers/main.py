@@ -156,7 +156,12 @@ def run(args: argparse.Namespace) -> None:
         max_deliveries=args.max_deliveries,
         shutdown_grace=args.shutdown_grace,
     )
-    settings = RedisSettings(url=args.redis_url, prefix=args.key_prefix)
+    # Every running job publishes through the pool: size it past the concurrency.
+    settings = RedisSettings(
+        url=args.redis_url,
+        prefix=args.key_prefix,
+        max_connections=max(64, args.limit_worker_concurrency + 16),
+    )
     try:
         asyncio.run(_serve(settings, engine, options))
     finally:

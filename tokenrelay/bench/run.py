@@ -97,7 +97,8 @@ def _in_process(
     if "baseline" in modes:
         engine = GenerateEngine(model, tokenizer)
         for c in [c for c in levels if c <= args.baseline_max_concurrency]:
-            rows.append(_measure_engine(engine, workload, c, _requests(args, c), "baseline"))
+            # one request per client: the baseline serves them one after another anyway
+            rows.append(_measure_engine(engine, workload, c, c, "baseline"))
             rows[-1]["roofline_tok_s"] = roofline(1)
         engine.close()
     if "engine" in modes:
