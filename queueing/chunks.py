@@ -2,10 +2,85 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
 import redis.asyncio as aioredis
 
 from .keys import Keys
 from .messages import ChoiceDelta, Chunk, ErrorInfo, Result, Usage
+
+log = logging.getLogger(__name__)
+
+Command = tuple[Any, ...]
+
+
+class ChunkOutbox:
+    """One pipeline per round for the chunks of every job a worker runs.
+
+    A round trip per job per token caps a worker at a few thousand chunks a second; here
+    all jobs' chunks that are ready go out together. A round waits up to ``interval`` after
+    the previous one, so a busy job's tokens coalesce into fewer, larger chunks, except
+    that a first or last chunk is sent at once (time to first token is not taxed).
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, interval: float = 0.02) -> None:
+        self.redis = redis
+        self.interval = interval
+        self._pending: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
+        self._wake = asyncio.Event()
+        self._urgent = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="chunk-outbox")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def send(self, commands: list[Command], *, urgent: bool) -> list[Any]:
+        """Queue ``commands`` for the next round; returns their replies."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((commands, future))
+        self._urgent = self._urgent or urgent
+        self._wake.set()
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = 0.0
+        while True:
+            await self._wake.wait()
+            wait = last + self.interval - loop.time()
+            if not self._urgent and wait > 0:
+                await asyncio.sleep(wait)
+            self._wake.clear()
+            batch, self._pending, self._urgent = self._pending, [], False
+            last = loop.time()
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[list[Command], asyncio.Future[list[Any]]]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for commands, _ in batch:
+            for command in commands:
+                pipe.execute_command(*command)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the connection failed: every sender sees it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for commands, future in batch:
+            if not future.done():
+                future.set_result(replies[start : start + len(commands)])
+            start += len(commands)
 
 
 class ChunkPublisher:
@@ -25,8 +100,10 @@ class ChunkPublisher:
         *,
         attempt: int = 1,
         ttl: int = 600,
+        outbox: ChunkOutbox | None = None,
     ) -> None:
         self.redis = redis
+        self.outbox = outbox
         self.request_id = request_id
         self.attempt = attempt
         self.ttl = ttl
@@ -56,16 +133,28 @@ class ChunkPublisher:
             done=done or error is not None or result is not None,
         )
         self.seq += 1
-        data = chunk.model_dump_json(exclude_defaults=False)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self._log, {"c": data})
-        pipe.expire(self._log, self.ttl)
-        pipe.publish(self._channel, data)
+        data = chunk.model_dump_json()
+        commands: list[Command] = [
+            ("XADD", self._log, "*", "c", data),
+            ("EXPIRE", self._log, self.ttl),
+            ("PUBLISH", self._channel, data),
+        ]
         if result is not None:
-            pipe.set(self._result, result.model_dump_json(), ex=self.ttl)
-        pipe.exists(self._cancel)
-        replies = await pipe.execute()
+            commands.append(("SET", self._result, result.model_dump_json(), "EX", self.ttl))
+        commands.append(("EXISTS", self._cancel))
+        replies = await self._execute(commands, urgent=chunk.seq == 0 or chunk.done)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         return bool(replies[-1])
+
+    async def _execute(self, commands: list[Command], *, urgent: bool) -> list[Any]:
+        if self.outbox is not None:
+            return await self.outbox.send(commands, urgent=urgent)
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def has_sent_tokens(self) -> bool:
         """Whether an earlier attempt already logged chunks for this request."""

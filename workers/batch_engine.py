@@ -187,7 +187,9 @@ class BatchEngine(Engine):
             self.runner.copy_slot(slots[0], slot, len(ids))
         run.seqs = [_Seq(slot, TextTracker(self._decode, params.stop), len(ids)) for slot in slots]
         first = sample(logits.expand(params.n, -1), params, run.generator).tolist()
-        self._advance(run, first)
+        event = self._advance(run, first)
+        if event:
+            handle.put(event)
         return run
 
     def _max_tokens(self, job: Job, prompt_len: int) -> int:
@@ -220,22 +222,28 @@ class BatchEngine(Engine):
     def _step(self, running: list[_Run]) -> None:
         live = [(r, s) for r in running for s in r.seqs if s.finish is None]
         width = max(s.slot for _, s in live) + 1
-        tokens = torch.zeros(width, dtype=torch.long)
-        positions = torch.zeros(width, dtype=torch.long)
+        tokens, positions = [0] * width, [0] * width
         params: list[SamplingParams | None] = [None] * width
         generators: list[torch.Generator | None] = [None] * width
         for run, s in live:
             tokens[s.slot], positions[s.slot] = s.last, s.length
             params[s.slot] = run.job.params
             generators[s.slot] = run.generator if run.job.params.seed is not None else None
-        logits = self.runner.decode(tokens.to(self.device), positions.to(self.device))
+        logits = self.runner.decode(
+            torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device)
+        )
         picked = sample_rows(logits, params, generators, self._shared).tolist()
         for _, s in live:
             s.length += 1
+        events = []
         for run in running:
-            self._advance(run, [picked[s.slot] for s in run.seqs])
+            event = self._advance(run, [picked[s.slot] for s in run.seqs])
+            if event:
+                events.append((run.handle, event))
+        if events:
+            JobHandle.put_all(events[0][0].loop, events)
 
-    def _advance(self, run: _Run, tokens: list[int]) -> None:
+    def _advance(self, run: _Run, tokens: list[int]) -> EngineEvent | None:
         """Take one new token per live choice; emit text and finish reasons."""
         run.generated += 1
         deltas = []
@@ -256,8 +264,9 @@ class BatchEngine(Engine):
             if text or seq.finish:
                 index = run.seqs.index(seq)
                 deltas.append(ChoiceDelta(index=index, text=text, finish_reason=seq.finish))
-        if deltas:
-            run.handle.put(EngineEvent(deltas, run.prompt_len, run.completion_tokens))
+        if not deltas:
+            return None
+        return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
 
     def _end(self, run: _Run, error: BaseException | None = None) -> None:
         for seq in run.seqs:

@@ -48,6 +48,19 @@ class JobHandle:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self._queue.put_nowait, _END)
 
+    @staticmethod
+    def put_all(
+        loop: asyncio.AbstractEventLoop, items: list[tuple[JobHandle, EngineEvent]]
+    ) -> None:
+        """Deliver one step's events of many jobs with a single wake-up of the loop."""
+
+        def deliver() -> None:
+            for handle, event in items:
+                handle._queue.put_nowait(event)
+
+        if items:
+            loop.call_soon_threadsafe(deliver)
+
     async def stream(self) -> AsyncIterator[list[EngineEvent]]:
         """Batches of events: whatever is ready at once, so a busy engine is not flushed
         token by token while an idle one is flushed immediately."""

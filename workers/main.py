@@ -91,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest sequence (prompt + completion) the batch engine keeps KV cache for; "
         "capped at the model's own context length",
     )
+    parser.add_argument(
+        "--chunk-interval",
+        type=float,
+        default=0.02,
+        help="seconds between a busy worker's rounds of chunk publishing; tokens made in "
+        "between travel as one chunk (first and last chunks go at once)",
+    )
     parser.add_argument("--fake-token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
@@ -155,6 +162,7 @@ def run(args: argparse.Namespace) -> None:
         heartbeat_ttl=args.heartbeat_ttl,
         max_deliveries=args.max_deliveries,
         shutdown_grace=args.shutdown_grace,
+        chunk_interval=args.chunk_interval,
     )
     # Every running job publishes through the pool: size it past the concurrency.
     settings = RedisSettings(

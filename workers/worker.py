@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenrelay import __version__
-from tokenrelay.queueing.chunks import ChunkPublisher
+from tokenrelay.queueing.chunks import ChunkOutbox, ChunkPublisher
 from tokenrelay.queueing.consumer import Delivery, JobConsumer
 from tokenrelay.queueing.keys import Keys
 from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job, Result, Usage
@@ -44,6 +44,7 @@ class WorkerOptions:
     max_deliveries: int = 3
     chunk_ttl: int = 600
     shutdown_grace: float = 30.0
+    chunk_interval: float = 0.02  # seconds between a busy worker's chunk rounds
     worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:12]}")
 
 
@@ -57,6 +58,7 @@ class Worker:
         self.registry = Registry(redis, keys)
         self.inflight: dict[str, asyncio.Task[None]] = {}  # stream entry id -> task
         self.jobs: dict[str, Job] = {}  # stream entry id -> job
+        self.outbox = ChunkOutbox(redis, interval=options.chunk_interval)
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self.info = WorkerInfo(
@@ -75,6 +77,7 @@ class Worker:
         """Serve until :meth:`stop`; then finish in-flight jobs within the grace period."""
         await self.consumer.ensure_groups(self.options.models)
         await self._heartbeat_once()
+        self.outbox.start()
         log.info(
             "worker %s serving %s on %s (%d concurrent)",
             self.options.worker_id,
@@ -93,6 +96,7 @@ class Worker:
         finally:
             for task in background:
                 task.cancel()
+            await self.outbox.close()
             with contextlib.suppress(RedisError, OSError):
                 await self.registry.deregister(self.info)
 
@@ -167,6 +171,7 @@ class Worker:
             job.id,
             attempt=delivery.attempt,
             ttl=self.options.chunk_ttl,
+            outbox=self.outbox,
         )
         try:
             if await self._should_skip(job, delivery, publisher):
