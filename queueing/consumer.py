@@ -13,9 +13,12 @@ from .keys import GROUP, Keys
 # in one script, so a worker that is alive (however long its generation) never loses a job.
 # The alive keys share the stream's {m:NAME} hash tag, so this stays single-slot on a cluster.
 _RECLAIM = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]))
+-- Scan past the live workers' entries (ARGV[5] at most): the oldest pending jobs are often
+-- long generations of live workers, and a dead worker's newer ones must still be found.
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[5]))
 local claimed = {}
 for _, p in ipairs(pending) do
+  if #claimed >= tonumber(ARGV[4]) then break end
   local id, owner, deliveries = p[1], p[2], p[4]
   if owner ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. owner) == 0 then
     local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
@@ -82,11 +85,12 @@ class JobConsumer:
         pipe.xdel(self.keys.jobs(model), entry_id)
         await pipe.execute()
 
-    async def reclaim(self, model: str, count: int = 100) -> list[Delivery]:
-        """Claim jobs whose owner stopped heartbeating; attempt counts every delivery."""
+    async def reclaim(self, model: str, count: int = 100, scan: int = 1000) -> list[Delivery]:
+        """Claim up to ``count`` jobs whose owner stopped heartbeating, looking at the
+        ``scan`` oldest pending entries; attempt counts every delivery."""
         rows = await self._reclaim(
             keys=[self.keys.jobs(model)],
-            args=[GROUP, self.consumer, self.keys.alive_prefix(model), count],
+            args=[GROUP, self.consumer, self.keys.alive_prefix(model), count, max(scan, count)],
         )
         return [Delivery(model, entry_id, job, int(n)) for entry_id, job, n in rows]
 

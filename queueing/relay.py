@@ -47,19 +47,19 @@ class Subscription:
                 yield _deadline_chunk(self)
                 return
             try:
-                arrived = [await asyncio.wait_for(self.inbox.get(), min(poll_interval, left))]
+                arrived = await asyncio.wait_for(self.inbox.get(), min(poll_interval, left))
             except TimeoutError:
-                arrived = await self._from_log()
-            for chunk in self._accept(arrived):
-                if chunk.seq != self.next_seq:
+                # A quiet spell: what pub/sub dropped is in the log (already in order and
+                # marked consumed by _from_log, so it must not go through _accept again).
+                ready = await self._from_log()
+            else:
+                ready = self._accept([arrived])
+                if ready and ready[0].seq == self.next_seq:
+                    self.next_seq += 1
+                elif ready:
                     # A gap: what pub/sub dropped is in the log.
-                    missing = await self._from_log()
-                    for fixed in self._accept(missing):
-                        yield fixed
-                        if fixed.done:
-                            return
-                    continue
-                self.next_seq += 1
+                    ready = await self._from_log()
+            for chunk in ready:
                 yield chunk
                 if chunk.done:
                     return
@@ -85,6 +85,10 @@ class Subscription:
             (Chunk.model_validate_json(fields["c"]) for _, fields in entries),
             key=lambda c: (c.attempt, c.seq),
         )
+        # Only the newest attempt counts: chunks of an attempt it supersedes must not be
+        # numbered as the new attempt's.
+        newest = max([self.attempt, *(c.attempt for c in chunks)])
+        chunks = [c for c in chunks if c.attempt == newest]
         out = []
         for chunk in self._accept(chunks):
             if chunk.seq == self.next_seq:

@@ -87,7 +87,6 @@ class Worker:
         )
         background = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
             asyncio.create_task(self._cancel_loop(), name="cancel-watch"),
         ]
         try:
@@ -122,12 +121,20 @@ class Worker:
 
     async def _read_loop(self) -> None:
         own_pending = True  # on start and after a connection error, re-read our own first
+        next_reclaim = 0.0
         while not self._stopping.is_set():
             free = self.options.concurrency - len(self.inflight)
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            # A dead worker's jobs go before new ones: checked here, when a slot is free,
+            # they would otherwise wait until the queue is empty (and past their deadline
+            # under steady load).
+            if not own_pending and time.monotonic() >= next_reclaim:
+                next_reclaim = time.monotonic() + self.options.heartbeat_interval
+                if await self._reclaim(free):
+                    continue
             try:
                 deliveries = await self.consumer.read(
                     self.options.models, free, block_ms=1000, own_pending=own_pending
@@ -303,23 +310,22 @@ class Worker:
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
 
-    async def _reclaim_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.heartbeat_interval)
-            if self._stopping.is_set():
+    async def _reclaim(self, free: int) -> int:
+        """Claim up to ``free`` jobs of workers whose heartbeat expired; returns how many."""
+        started = 0
+        for model in self.options.models:
+            if free - started <= 0:
+                break
+            try:
+                claimed = await self.consumer.reclaim(model, count=free - started)
+            except (RedisError, OSError) as exc:
+                log.warning("reclaim failed: %s", exc)
                 continue
-            for model in self.options.models:
-                free = self.options.concurrency - len(self.inflight)
-                if free <= 0:
-                    break
-                try:
-                    claimed = await self.consumer.reclaim(model, count=free)
-                except (RedisError, OSError) as exc:
-                    log.warning("reclaim failed: %s", exc)
-                    continue
-                for delivery in claimed:
-                    log.warning("reclaimed job %s from a dead worker", delivery.entry_id)
-                    self._start(delivery)
+            for delivery in claimed:
+                log.warning("reclaimed job %s from a dead worker", delivery.entry_id)
+                self._start(delivery)
+                started += 1
+        return started
 
     async def _cancel_loop(self) -> None:
         """Notice cancellations of jobs that emit nothing for a while (long prefill, say)."""
