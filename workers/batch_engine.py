@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 class _Seq:
     slot: int
     tracker: TextTracker
-    length: int  # tokens in the cache
-    last: int = 0  # the token to feed next
+    length: int  # tokens in the cache once every launched step has run
+    last: int = 0  # the newest token known on the host
+    on_device: bool = False  # the next input is the last launched step's output
     finish: str | None = None
 
 
@@ -49,6 +50,7 @@ class _Run:
     seqs: list[_Seq] = field(default_factory=list)
     generated: int = 0
     completion_tokens: int = 0
+    ended: bool = False
 
     @property
     def done(self) -> bool:
@@ -72,6 +74,7 @@ class BatchEngine(Engine):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids(model, tokenizer)
         self.runner = LlamaRunner(model, slots, self.max_context)
+        self.runner.capture_graphs()
         self.device = self.runner.device
         self.prefill_budget = prefill_budget
         self._shared = torch.Generator(device=self.device)
@@ -107,21 +110,25 @@ class BatchEngine(Engine):
     # engine thread
 
     def _loop(self) -> None:
+        """Launch step t+1 on the GPU before turning step t's tokens into text, so the
+        host's work (detokenizing, stop strings, events) overlaps the device's."""
         running: list[_Run] = []
+        pending: _Step | None = None
         while not self._closed:
-            self._collect(block=not running and not self._waiting)
+            self._collect(block=not running and not self._waiting and pending is None)
             running += self._admit()
             running = [r for r in running if not self._drop_cancelled(r)]
             running = self._end_finished(running)
-            if not running:
-                continue
             try:
-                self._step(running)
+                launched = self._launch(running, pending) if running else None
+                if pending is not None:
+                    self._finish_step(pending)
             except Exception as exc:  # a failed step fails the jobs in it, not the worker
                 log.exception("decode step failed")
                 for r in running:
                     self._end(r, exc)
-                running = []
+                running, launched = [], None
+            pending = launched
             running = self._end_finished(running)
         for r in running:
             self._end(r)
@@ -219,25 +226,46 @@ class BatchEngine(Engine):
             self._end(run)
         return cancelled
 
-    def _step(self, running: list[_Run]) -> None:
+    def _launch(self, running: list[_Run], previous: _Step | None) -> _Step | None:
+        """Queue one decode step for every live sequence; returns without waiting."""
         live = [(r, s) for r in running for s in r.seqs if s.finish is None]
+        if not live:
+            return None
         width = max(s.slot for _, s in live) + 1
-        tokens, positions = [0] * width, [0] * width
+        tokens, positions = [0] * width, [self.runner.scratch] * width
+        from_device = [False] * width
         params: list[SamplingParams | None] = [None] * width
         generators: list[torch.Generator | None] = [None] * width
         for run, s in live:
             tokens[s.slot], positions[s.slot] = s.last, s.length
+            from_device[s.slot] = s.on_device
             params[s.slot] = run.job.params
             generators[s.slot] = run.generator if run.job.params.seed is not None else None
-        logits = self.runner.decode(
-            torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device)
-        )
-        picked = sample_rows(logits, params, generators, self._shared).tolist()
+        token_ids = _to(self.device, tokens)
+        if previous is not None and any(from_device):
+            earlier = torch.zeros(width, dtype=torch.long, device=self.device)
+            n = min(width, previous.picked.shape[0])
+            earlier[:n] = previous.picked[:n]
+            token_ids = torch.where(_to(self.device, from_device, torch.bool), earlier, token_ids)
+        logits = self.runner.decode(token_ids, _to(self.device, positions))
+        picked = sample_rows(logits, params, generators, self._shared)
         for _, s in live:
             s.length += 1
+            s.on_device = True
+        return _Step(live, picked)
+
+    def _finish_step(self, step: _Step) -> None:
+        """Wait for a launched step's tokens; emit text and finish reasons."""
+        picked = step.tokens()
+        by_run: dict[int, tuple[_Run, list[int]]] = {}
+        for run, s in step.live:
+            if run.ended or s.finish is not None:
+                continue
+            by_run.setdefault(id(run), (run, []))
         events = []
-        for run in running:
-            event = self._advance(run, [picked[s.slot] for s in run.seqs])
+        for run, _ in by_run.values():
+            tokens = [picked[s.slot] if s.finish is None else 0 for s in run.seqs]
+            event = self._advance(run, tokens)
             if event:
                 events.append((run.handle, event))
         if events:
@@ -269,6 +297,9 @@ class BatchEngine(Engine):
         return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
 
     def _end(self, run: _Run, error: BaseException | None = None) -> None:
+        if run.ended:
+            return
+        run.ended = True
         for seq in run.seqs:
             self._free.append(seq.slot)
         self._free.sort()
@@ -278,3 +309,28 @@ class BatchEngine(Engine):
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _Step:
+    """A launched decode step: its sampled tokens are copied to the host asynchronously."""
+
+    def __init__(self, live: list[tuple[_Run, _Seq]], picked: torch.Tensor) -> None:
+        self.live = live
+        self.picked = picked
+        if picked.is_cuda:
+            self._host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+            self._host.copy_(picked, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = picked
+
+    def tokens(self) -> list[int]:
+        if self.picked.is_cuda:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
+def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:  # type: ignore[type-arg]
+    """A small host list on the device without waiting for the device's queue."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -61,15 +61,18 @@ class LlamaRunner:
         self.norm = model.model.norm.weight
         self.lm_head = model.lm_head.weight
         self.layers = [_take_layer(layer) for layer in model.model.layers]
-        positions = torch.arange(max_len, device=self.device)[None]
+        # One position past max_len is scratch: padding rows and graph warm-ups write there,
+        # and no real sequence ever attends to it.
+        self.scratch = max_len
+        positions = torch.arange(max_len + 1, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = model.model.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (max_len, head_dim)
-        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
+        shape = (len(self.layers), slots, self.kv_heads, max_len + 1, self.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.rows = torch.arange(slots, device=self.device)
-        self.span = torch.arange(max_len, device=self.device)
+        self.span = torch.arange(max_len + 1, device=self.device)
         self._graphs: dict[int, _Graph] = {}
         self.use_graphs = self.device.type == "cuda"
 
@@ -107,8 +110,8 @@ class LlamaRunner:
     def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """One step for slots 0..B-1: token b sits at positions[b] of slot b.
 
-        Returns logits (B, vocab). Slots not in use may be fed anything; they only write
-        into their own (free) cache rows.
+        Returns logits (B, vocab). Rows of free slots should carry ``self.scratch`` as their
+        position, so they write nowhere that matters.
         """
         batch = tokens.shape[0]
         if not self.use_graphs:
@@ -117,7 +120,7 @@ class LlamaRunner:
         bucket = next((b for b in BATCH_BUCKETS if b >= batch and b <= self.slots), self.slots)
         graph = self._graphs.get(bucket) or self._capture(bucket)
         graph.tokens.zero_()
-        graph.positions.zero_()
+        graph.positions.fill_(self.scratch)
         graph.tokens[:batch] = tokens
         graph.positions[:batch] = positions
         graph.graph.replay()
@@ -144,19 +147,32 @@ class LlamaRunner:
             x = self._finish_layer(layer, x, attn.reshape(batch, 1, -1))
         return self._logits(x[:, 0])
 
+    def capture_graphs(self) -> None:
+        """Capture every batch size's decode step now, before any request needs it."""
+        if self.use_graphs:
+            for bucket in BATCH_BUCKETS:
+                if bucket <= self.slots and bucket not in self._graphs:
+                    self._capture(bucket)
+            if self.slots not in self._graphs:
+                self._capture(self.slots)
+            log.info(
+                "captured %d decode graphs (batch sizes %s)",
+                len(self._graphs),
+                sorted(self._graphs),
+            )
+
     def _capture(self, bucket: int) -> _Graph:
-        log.info("capturing the decode step for batch %d in a CUDA graph", bucket)
         tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
-        positions = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        positions = torch.full((bucket,), self.scratch, dtype=torch.long, device=self.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode(tokens, positions, self.max_len)
+                self._decode(tokens, positions, self.max_len + 1)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
-            logits = self._decode(tokens, positions, self.max_len)
+            logits = self._decode(tokens, positions, self.max_len + 1)
         self._graphs[bucket] = _Graph(graph, tokens, positions, logits)
         return self._graphs[bucket]
 

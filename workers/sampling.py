@@ -55,7 +55,7 @@ def sample_rows(
     if not live:
         return greedy
     device = logits.device
-    temps = torch.tensor([p.temperature if p else 0.0 for p in params], device=device)
+    temps = _on(device, [p.temperature if p else 0.0 for p in params])
     scaled = logits.float() / temps.clamp(min=1e-5)[:, None]
     filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in live)
     if filtered:
@@ -74,11 +74,16 @@ def _filter(scaled: torch.Tensor, params: list[SamplingParams | None]) -> tuple[
     """Top-k and top-p per row, on the logits sorted in descending order."""
     vocab = scaled.shape[-1]
     device = scaled.device
-    top_k = torch.tensor([(p.top_k or vocab) if p else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p if p else 1.0 for p in params], device=device)
+    top_k = _on(device, [(p.top_k or vocab) if p else vocab for p in params])
+    top_p = _on(device, [p.top_p if p else 1.0 for p in params])
     ordered, order = torch.sort(scaled, descending=True, dim=-1)
     rank = torch.arange(vocab, device=device)[None]
     ordered = ordered.masked_fill(rank >= top_k[:, None], float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
     ordered = ordered.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))
     return ordered, order
+
+
+def _on(device: torch.device, values: list[float] | list[int]) -> torch.Tensor:
+    """Copy per-row values to the device without waiting for the device's queue."""
+    return torch.tensor(values).to(device, non_blocking=True)

@@ -79,7 +79,12 @@ def _log(message: str) -> None:
 
 
 def _requests(args: argparse.Namespace, concurrency: int) -> int:
-    return concurrency * args.requests_per_client
+    return max(8, concurrency * args.requests_per_client)
+
+
+def _warmup(workload: Workload) -> Workload:
+    """The real prompt length (first prefills of a shape are slow), few output tokens."""
+    return Workload(workload.prompt_len, 8, "fixed")
 
 
 def _in_process(
@@ -124,7 +129,7 @@ def _measure_engine(
     mode: str,
 ) -> dict[str, object]:
     _log(f"{mode}: warm-up at concurrency {concurrency}")
-    asyncio.run(run_engine(engine, Workload(16, 8, "fixed"), concurrency, concurrency))
+    asyncio.run(run_engine(engine, _warmup(workload), concurrency, concurrency))
     _log(f"{mode}: {requests} requests at concurrency {concurrency}")
     records = asyncio.run(run_engine(engine, workload, concurrency, requests))
     row = summarize(records, mode, concurrency)
@@ -193,7 +198,7 @@ def _measure_http(
     url: str, model: str, workload: Workload, concurrency: int, args: argparse.Namespace, mode: str
 ) -> dict[str, object]:
     _log(f"{mode}: warm-up at concurrency {concurrency}")
-    asyncio.run(run_http(url, model, Workload(16, 8, "fixed"), concurrency, concurrency))
+    asyncio.run(run_http(url, model, _warmup(workload), concurrency, concurrency))
     requests = _requests(args, concurrency)
     _log(f"{mode}: {requests} requests at concurrency {concurrency}")
     records = asyncio.run(run_http(url, model, workload, concurrency, requests))
