@@ -134,11 +134,10 @@ class ChunkPublisher:
         )
         self.seq += 1
         data = chunk.model_dump_json()
-        commands: list[Command] = [
-            ("XADD", self._log, "*", "c", data),
-            ("EXPIRE", self._log, self.ttl),
-            ("PUBLISH", self._channel, data),
-        ]
+        commands: list[Command] = [("XADD", self._log, "*", "c", data)]
+        if chunk.seq == 0 or chunk.done:  # the log's TTL: set once, renewed at the end
+            commands.append(("EXPIRE", self._log, self.ttl))
+        commands.append(("PUBLISH", self._channel, data))
         if result is not None:
             commands.append(("SET", self._result, result.model_dump_json(), "EX", self.ttl))
         commands.append(("EXISTS", self._cancel))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 
-from .load import Workload, run_engine, run_http
 from .stats import markdown, summarize
 
 
@@ -54,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from .load import Workload
+
     levels = [int(c) for c in args.concurrency.split(",")]
     workload = Workload(args.prompt_len, args.output_len, args.profile)
     label = args.label or args.model_path
@@ -82,13 +83,15 @@ def _requests(args: argparse.Namespace, concurrency: int) -> int:
     return max(8, concurrency * args.requests_per_client)
 
 
-def _warmup(workload: Workload) -> Workload:
+def _warmup(workload):  # type: ignore[no-untyped-def]
     """The real prompt length (first prefills of a shape are slow), few output tokens."""
+    from .load import Workload
+
     return Workload(workload.prompt_len, 8, "fixed")
 
 
 def _in_process(
-    args: argparse.Namespace, modes: list[str], levels: list[int], workload: Workload
+    args: argparse.Namespace, modes: list[str], levels: list[int], workload
 ) -> list[dict[str, object]]:
     import torch
 
@@ -123,11 +126,13 @@ def _in_process(
 
 def _measure_engine(
     engine,
-    workload: Workload,
+    workload,
     concurrency: int,
     requests: int,  # type: ignore[no-untyped-def]
     mode: str,
 ) -> dict[str, object]:
+    from .load import run_engine
+
     _log(f"{mode}: warm-up at concurrency {concurrency}")
     asyncio.run(run_engine(engine, _warmup(workload), concurrency, concurrency))
     _log(f"{mode}: {requests} requests at concurrency {concurrency}")
@@ -137,9 +142,7 @@ def _measure_engine(
     return row
 
 
-def _stack(
-    args: argparse.Namespace, levels: list[int], workload: Workload
-) -> list[dict[str, object]]:
+def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[str, object]]:
     from tokenrelay.embedded_redis import EmbeddedRedis, free_port
 
     redis = EmbeddedRedis().start()
@@ -195,8 +198,10 @@ def _stack(
 
 
 def _measure_http(
-    url: str, model: str, workload: Workload, concurrency: int, args: argparse.Namespace, mode: str
+    url: str, model: str, workload, concurrency: int, args: argparse.Namespace, mode: str
 ) -> dict[str, object]:
+    from .load import run_http
+
     _log(f"{mode}: warm-up at concurrency {concurrency}")
     asyncio.run(run_http(url, model, _warmup(workload), concurrency, concurrency))
     requests = _requests(args, concurrency)
@@ -221,7 +226,7 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float =
     raise SystemExit("bench: the stack did not become ready")
 
 
-def _roofline(model, workload: Workload, device: str):  # type: ignore[no-untyped-def]
+def _roofline(model, workload, device: str):  # type: ignore[no-untyped-def]
     """Tokens/s if each decode step only had to stream the weights and live KV once."""
     import torch
 
