@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-interval",
         type=float,
-        default=0.02,
+        default=0.05,
         help="seconds between a busy worker's rounds of chunk publishing; tokens made in "
         "between travel as one chunk (first and last chunks go at once)",
     )

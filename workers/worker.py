@@ -44,7 +44,7 @@ class WorkerOptions:
     max_deliveries: int = 3
     chunk_ttl: int = 600
     shutdown_grace: float = 30.0
-    chunk_interval: float = 0.02  # seconds between a busy worker's chunk rounds
+    chunk_interval: float = 0.05  # seconds between a busy worker's chunk rounds
     worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:12]}")
 
 

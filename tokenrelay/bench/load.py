@@ -23,6 +23,7 @@ class Workload:
     output_len: int = 256
     profile: str = "fixed"  # fixed | mixed
     temperature: float = 0.0
+    offset: int = 0  # added to request indices, so parallel clients send different prompts
 
     def lengths(self, index: int) -> tuple[int, int]:
         if self.profile == "fixed":
@@ -31,6 +32,7 @@ class Workload:
         return rng.randint(16, 2 * self.prompt_len), rng.randint(16, 2 * self.output_len)
 
     def body(self, model: str, index: int) -> dict[str, object]:
+        index += self.offset
         prompt_len, output_len = self.lengths(index)
         return {
             "model": model,
@@ -123,8 +125,50 @@ async def run_http(
         return await _clients(concurrency, requests, one)
 
 
+def run_http_procs(
+    base_url: str, model: str, workload: Workload, concurrency: int, requests: int, procs: int
+) -> list[Record]:
+    """The HTTP load from several processes, so the client is never what limits."""
+    import concurrent.futures
+    import multiprocessing
+
+    procs = max(1, min(procs, concurrency))
+    shares = [
+        (
+            concurrency // procs + (i < concurrency % procs),
+            requests // procs + (i < requests % procs),
+        )
+        for i in range(procs)
+    ]
+    if procs == 1:
+        return asyncio.run(run_http(base_url, model, workload, concurrency, requests))
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_http_share, base_url, model, workload, c, r, i)
+            for i, (c, r) in enumerate(shares)
+        ]
+        return [record for f in futures for record in f.result()]
+
+
+def _http_share(
+    base_url: str, model: str, workload: Workload, concurrency: int, requests: int, index: int
+) -> list[Record]:
+    # each share sends different prompts (salted by its index)
+    shifted = Workload(
+        workload.prompt_len,
+        workload.output_len,
+        workload.profile,
+        workload.temperature,
+        offset=index * 100_000,
+    )
+    return asyncio.run(run_http(base_url, model, shifted, concurrency, requests))
+
+
 async def _stream(http: httpx.AsyncClient, body: dict[str, object], record: Record) -> None:
     last = record.start
+    usage_seen = False
+    events = 0  # content events, the token count where a server sends no usage
     async with http.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
@@ -138,10 +182,16 @@ async def _stream(http: httpx.AsyncClient, body: dict[str, object], record: Reco
                 return
             now = time.perf_counter()
             if event.get("usage"):
+                usage_seen = True
                 record.tokens = event["usage"]["completion_tokens"]
             if any(c.get("text") for c in event.get("choices", [])):
+                events += 1
                 if record.first is None:
                     record.first = now
                 else:
                     record.gaps.append(now - last)
                 last = now
+    if not usage_seen:
+        # e.g. FastChat sends no usage in streams (and ignores stream_options):
+        # count one token per content event (FastChat: run with --stream-interval 1)
+        record.tokens = events

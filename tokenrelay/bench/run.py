@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="fixed", choices=["fixed", "mixed"])
     parser.add_argument("--api-url", help="with mode http: the server's base URL (no /v1)")
     parser.add_argument("--model-name", default="bench", help="with mode http: the model name")
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=4,
+        help="processes the HTTP load comes from (one process's event loop "
+        "can be slower than the server)",
+    )
     parser.add_argument("--label", help="name of this run in the table (default: model path)")
     parser.add_argument(
         "--out",
@@ -200,13 +207,14 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
 def _measure_http(
     url: str, model: str, workload, concurrency: int, args: argparse.Namespace, mode: str
 ) -> dict[str, object]:
-    from .load import run_http
+    from .load import run_http_procs
 
+    procs = args.client_procs
     _log(f"{mode}: warm-up at concurrency {concurrency}")
-    asyncio.run(run_http(url, model, _warmup(workload), concurrency, concurrency))
+    run_http_procs(url, model, _warmup(workload), concurrency, concurrency, procs)
     requests = _requests(args, concurrency)
-    _log(f"{mode}: {requests} requests at concurrency {concurrency}")
-    records = asyncio.run(run_http(url, model, workload, concurrency, requests))
+    _log(f"{mode}: {requests} requests at concurrency {concurrency} from {procs} processes")
+    records = run_http_procs(url, model, workload, concurrency, requests, procs)
     row = summarize(records, mode, concurrency)
     _log(str(row))
     return row
