@@ -146,58 +146,78 @@ class BatchEngine(Engine):
             pass
 
     def _admit(self) -> list[_Run]:
-        """Prefill waiting jobs while slots and this step's prefill budget last."""
-        admitted, budget = [], self.prefill_budget
+        """Prefill waiting jobs, together in one pass, while slots and the budget last."""
+        admitted: list[tuple[_Run, list[int]]] = []
+        budget, free = self.prefill_budget, len(self._free)
         while self._waiting and budget > 0:
             job, handle = self._waiting[0]
             if job.params.n > self.runner.slots:
                 self._waiting.pop(0)
-                handle.put(
+                self._reject(
+                    handle,
                     InvalidRequest(
-                        f"n={job.params.n} is more than this worker's "
-                        f"{self.runner.slots} sequence slots"
-                    )
+                        f"n={job.params.n} is more than this worker's {self.runner.slots} "
+                        "sequence slots",
+                        code="n_too_large",
+                    ),
                 )
-                handle.close()
                 continue
-            if job.params.n > len(self._free):
+            if job.params.n > free:
                 break
             self._waiting.pop(0)
             try:
-                run = self._prefill(job, handle)
+                run, ids = self._prepare(job, handle)
             except Exception as exc:
                 if not isinstance(exc, InvalidRequest):
-                    log.exception("prefill failed for %s", job.id)
-                handle.put(exc)
-                handle.close()
+                    log.exception("could not prepare %s", job.id)
+                self._reject(handle, exc)
                 continue
-            budget -= run.prompt_len
-            admitted.append(run)
-        return admitted
+            free -= job.params.n
+            budget -= len(ids)
+            admitted.append((run, ids))
+        if not admitted:
+            return []
+        try:
+            self._prefill(admitted)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for run, _ in admitted:
+                self._end(run, exc)
+            return []
+        return [run for run, _ in admitted]
 
-    def _prefill(self, job: Job, handle: JobHandle) -> _Run:
+    def _reject(self, handle: JobHandle, exc: BaseException) -> None:
+        handle.put(exc)
+        handle.close()
+
+    def _prepare(self, job: Job, handle: JobHandle) -> tuple[_Run, list[int]]:
         ids = encode_prompt(self.tokenizer, job)
-        max_tokens = self._max_tokens(job, len(ids))
         params = job.params
         run = _Run(
             job=job,
             handle=handle,
             prompt_len=len(ids),
-            max_tokens=max_tokens,
+            max_tokens=self._max_tokens(job, len(ids)),
             generator=make_generator(params, self.device),
             stop_ids=set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids),
         )
         slots = [self._free.pop(0) for _ in range(params.n)]
-        self._free.sort()
-        logits = self.runner.prefill(slots[0], ids)
-        for slot in slots[1:]:
-            self.runner.copy_slot(slots[0], slot, len(ids))
         run.seqs = [_Seq(slot, TextTracker(self._decode, params.stop), len(ids)) for slot in slots]
-        first = sample(logits.expand(params.n, -1), params, run.generator).tolist()
-        event = self._advance(run, first)
-        if event:
-            handle.put(event)
-        return run
+        return run, ids
+
+    def _prefill(self, admitted: list[tuple[_Run, list[int]]]) -> None:
+        """One forward pass for every admitted prompt; then each job's first tokens."""
+        logits = self.runner.prefill_batch(
+            [r.seqs[0].slot for r, _ in admitted], [ids for _, ids in admitted]
+        )
+        for row, (run, ids) in enumerate(admitted):
+            for seq in run.seqs[1:]:
+                self.runner.copy_slot(run.seqs[0].slot, seq.slot, len(ids))
+            n = run.job.params.n
+            first = sample(logits[row].expand(n, -1), run.job.params, run.generator).tolist()
+            event = self._advance(run, first)
+            if event:
+                run.handle.put(event)
 
     def _max_tokens(self, job: Job, prompt_len: int) -> int:
         room = self.max_context - prompt_len

@@ -82,22 +82,35 @@ class LlamaRunner:
 
     # prefill
 
-    @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int]) -> Tensor:
         """Run a prompt into ``slot``'s cache; returns the last position's logits (vocab,)."""
-        n = len(ids)
-        tokens = torch.tensor(ids, device=self.device)
-        x = self.embed[tokens][None]  # (1, n, hidden)
-        cos, sin = self.cos[:n], self.sin[:n]
+        return self.prefill_batch([slot], [ids])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> Tensor:
+        """Run several prompts, each into its slot, in one forward pass.
+
+        Prompts are right-padded to the longest: with causal attention a real token never
+        sees the padding after it, and the padding's cache entries lie past the prompt,
+        where decoding overwrites them. Returns each prompt's last logits (B, vocab).
+        """
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            tokens[row, : len(ids)] = torch.tensor(ids)
+        rows = torch.tensor(slots, device=self.device)
+        x = self.embed[tokens.to(self.device)]  # (B, width, hidden)
+        cos, sin = self.cos[:width], self.sin[:width]
+        groups = self.heads // self.kv_heads
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)  # (1, heads, n, d)
-            self.k_cache[i, slot, :, :n] = k[0]
-            self.v_cache[i, slot, :, :n] = v[0]
-            groups = self.heads // self.kv_heads
+            q, k, v = self._qkv(layer, x, cos, sin)  # (B, heads, width, d)
+            self.k_cache[i, rows, :, :width] = k
+            self.v_cache[i, rows, :, :width] = v
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = self._finish_layer(layer, x, attn.transpose(1, 2).reshape(1, n, -1))
-        return self._logits(x[:, -1])[0]
+            x = self._finish_layer(layer, x, attn.transpose(1, 2).reshape(batch, width, -1))
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(x[torch.arange(batch, device=self.device), last])
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Share a prefilled prompt with another slot (the n choices of one request)."""

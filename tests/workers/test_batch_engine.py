@@ -140,3 +140,12 @@ async def test_cancel_frees_the_slot(engine) -> None:  # type: ignore[no-untyped
     while len(engine._free) != engine.runner.slots and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert len(engine._free) == engine.runner.slots
+
+
+async def test_prompts_prefilled_together_equal_generate(engine, model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Prompts of different lengths submitted in one tick share one padded prefill."""
+    model, tokenizer = model_and_tokenizer
+    jobs = [_job(q, temperature=0, max_tokens=12) for q in QUESTIONS]
+    results = await asyncio.gather(*(_collect(engine, j) for j in jobs))
+    for q, (texts, _, _) in zip(QUESTIONS, results, strict=True):
+        assert texts[0] == _reference(model, tokenizer, q, 12)
