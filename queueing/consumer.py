@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -36,6 +37,35 @@ end
 return claimed
 """
 
+# Re-read this consumer's own pending jobs (after a restart or a Redis error) as re-deliveries:
+# XCLAIM each to itself, which counts a delivery, so a rerun's chunks carry a higher attempt
+# than the ones an earlier run already sent. Jobs still running here (ARGV[5..]) are left
+# alone, so they neither restart nor gain a delivery. Owner check and claim are one script:
+# a job another worker reclaimed meanwhile (our heartbeat lapsed) is not taken back.
+_OWN_PENDING = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[2])
+local skip = {}
+for i = 5, #ARGV do skip[ARGV[i]] = true end
+local claimed = {}
+for _, p in ipairs(pending) do
+  if #claimed >= tonumber(ARGV[3]) then break end
+  local id, deliveries = p[1], p[4]
+  if not skip[id] then
+    local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    local entry = got[1]
+    if entry and entry ~= false then
+      local fields = entry[2]
+      local job = ''
+      for i = 1, #fields, 2 do if fields[i] == 'job' then job = fields[i + 1] end end
+      table.insert(claimed, {id, job, tostring(deliveries + 1)})
+    else
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+    end
+  end
+end
+return claimed
+"""
+
 
 @dataclass
 class Delivery:
@@ -51,6 +81,7 @@ class JobConsumer:
         self.keys = keys
         self.consumer = consumer
         self._reclaim = redis.register_script(_RECLAIM)
+        self._own_pending = redis.register_script(_OWN_PENDING)
 
     async def ensure_groups(self, models: list[str]) -> None:
         for model in models:
@@ -61,13 +92,24 @@ class JobConsumer:
                     raise
 
     async def read(
-        self, models: list[str], count: int, block_ms: int, *, own_pending: bool = False
+        self,
+        models: list[str],
+        count: int,
+        block_ms: int,
+        *,
+        own_pending: bool = False,
+        running: Collection[str] = (),
     ) -> list[Delivery]:
-        """New jobs (``>``), or with ``own_pending`` this consumer's unacked ones (``0``)."""
-        start = "0" if own_pending else ">"
-        streams = {self.keys.jobs(m): start for m in models}
+        """New jobs (``>``), or with ``own_pending`` this consumer's unacked ones.
+
+        An own pending job is a re-delivery: its attempt is its delivery count, like a
+        reclaimed job's. Entry ids in ``running`` (jobs still running here) are skipped.
+        """
+        if own_pending:
+            return await self._read_own_pending(models, count, running)
+        streams = {self.keys.jobs(m): ">" for m in models}
         reply = await self.redis.xreadgroup(
-            GROUP, self.consumer, streams, count=count, block=None if own_pending else block_ms
+            GROUP, self.consumer, streams, count=count, block=block_ms
         )
         by_stream = {self.keys.jobs(m): m for m in models}
         deliveries = []
@@ -77,6 +119,21 @@ class JobConsumer:
                     await self.ack(by_stream[stream], entry_id)
                     continue
                 deliveries.append(Delivery(by_stream[stream], entry_id, fields.get("job", ""), 1))
+        return deliveries
+
+    async def _read_own_pending(
+        self, models: list[str], count: int, running: Collection[str]
+    ) -> list[Delivery]:
+        deliveries: list[Delivery] = []
+        for model in models:
+            left = count - len(deliveries)
+            if left <= 0:
+                break
+            rows = await self._own_pending(
+                keys=[self.keys.jobs(model)],
+                args=[GROUP, self.consumer, left, left + len(running), *running],
+            )
+            deliveries += [Delivery(model, entry_id, job, int(n)) for entry_id, job, n in rows]
         return deliveries
 
     async def ack(self, model: str, entry_id: str) -> None:

@@ -19,12 +19,13 @@ from typing import TypeVar
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tokenrelay.queueing.connection import RedisSettings
 from tokenrelay.queueing.consumer import JobConsumer
 from tokenrelay.queueing.jobs import JobQueue
 from tokenrelay.queueing.keys import GROUP, Keys
-from tokenrelay.queueing.messages import Job, SamplingParams
+from tokenrelay.queueing.messages import Chunk, Job, SamplingParams
 from tokenrelay.queueing.relay import ChunkRelay
 from tokenrelay.workers.fake_engine import FakeEngine, fake_text
 from tokenrelay.workers.worker import Worker, WorkerOptions
@@ -330,6 +331,78 @@ async def test_worker_dead_letters_past_max_deliveries(
         ((_, fields),) = await aredis.xrange(keys.dead_letters(MODEL))
         assert Job.model_validate_json(fields["job"]) == job
         assert fields["reason"] == "too many deliveries"
+    finally:
+        worker.stop()
+        if "running" in locals():
+            async with asyncio.timeout(5):
+                await running
+        await relay.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_rerun_after_redis_error_is_a_new_attempt(
+    aredis: aioredis.Redis, redis_settings: RedisSettings, stream: bool
+) -> None:
+    """Bug: a job whose task ended on a Redis error stayed pending and was re-read from the
+    worker's own pending list as attempt 1 again. Its chunks restarted at seq 0 under the
+    same attempt, the API dropped them as duplicates and appended the rerun's later chunks
+    (two answers spliced when sampling), and the first run's chunk log was kept.
+
+    Now the rerun is a re-delivery: a stream that already had tokens ends with worker_lost;
+    otherwise the log is reset and the rerun (attempt 2) answers from scratch."""
+    keys = redis_settings.keys
+    job = _job(stream=stream).model_copy(update={"params": SamplingParams(max_tokens=6)})
+    relay = ChunkRelay(aredis, keys)
+    await relay.start()
+    worker = Worker(
+        aredis,
+        keys,
+        FakeEngine(token_delay=0.05),
+        WorkerOptions(models=[MODEL], heartbeat_interval=0.1, chunk_interval=0.01),
+    )
+    # The job's second round of chunks fails on Redis once (its first is out by then).
+    log_key, rounds = keys.chunk_log(MODEL, job.id), 0
+    send = worker.outbox.send
+
+    async def flaky_send(commands: list, *, urgent: bool) -> list:
+        nonlocal rounds
+        if commands[0][1] == log_key:
+            rounds += 1
+            if rounds == 2:
+                raise RedisConnectionError("injected: connection lost")
+        return await send(commands, urgent=urgent)
+
+    worker.outbox.send = flaky_send  # type: ignore[method-assign]
+    try:
+        async with relay.subscribe(MODEL, job.id) as sub:
+            await JobQueue(aredis, keys).enqueue(job, max_depth=10)
+            running = asyncio.create_task(worker.run())
+            chunks = []
+            async with asyncio.timeout(10):
+                async for chunk in sub.chunks(job.deadline):
+                    chunks.append(chunk)
+        assert rounds > 2  # it failed once and ran again
+        first, *rest = chunks
+        assert (first.attempt, first.seq, first.error) == (1, 0, None)
+        assert first.choices and first.choices[0].text.startswith("t0.")
+        assert all(c.attempt == 2 for c in rest), chunks
+        assert [c.seq for c in rest] == list(range(len(rest)))
+        last = rest[-1]
+        assert last.done
+        if stream:
+            # tokens were out: no second answer spliced on, an error instead
+            (only,) = rest
+            assert only.error is not None and only.error.code == "worker_lost"
+            assert not only.choices
+        else:
+            assert last.error is None
+            text = "".join(ch.text for c in rest for ch in c.choices)
+            assert text == fake_text(job.id, 6)
+            # the first run's chunks are gone from the log: only the rerun's, each once
+            logged = [Chunk.model_validate_json(f["c"]) for _, f in await aredis.xrange(log_key)]
+            assert [(c.attempt, c.seq) for c in logged] == [(2, c.seq) for c in rest]
+        await assert_queue_empty(aredis, keys)
+        assert await aredis.xlen(keys.dead_letters(MODEL)) == 0
     finally:
         worker.stop()
         if "running" in locals():

@@ -61,6 +61,7 @@ class Worker:
         self.outbox = ChunkOutbox(redis, interval=options.chunk_interval)
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._reread_at = 0.0  # when to re-read our own pending jobs (0: no need)
         self.info = WorkerInfo(
             id=options.worker_id,
             models=options.models,
@@ -135,16 +136,23 @@ class Worker:
                 next_reclaim = time.monotonic() + self.options.heartbeat_interval
                 if await self._reclaim(free):
                     continue
+            if self._reread_at and time.monotonic() >= self._reread_at:
+                self._reread_at = 0.0  # a job failed on Redis: it is pending, run it again
+                own_pending = True
             try:
                 deliveries = await self.consumer.read(
-                    self.options.models, free, block_ms=1000, own_pending=own_pending
+                    self.options.models,
+                    free,
+                    block_ms=1000,
+                    own_pending=own_pending,
+                    running=list(self.inflight),
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("redis unreachable while reading jobs (%s); retrying", exc)
                 own_pending = True
                 await asyncio.sleep(1.0)
                 continue
-            if own_pending and not any(d.entry_id not in self.inflight for d in deliveries):
+            if own_pending and len(deliveries) < free:
                 own_pending = False
             for delivery in deliveries:
                 self._start(delivery)
@@ -190,9 +198,11 @@ class Worker:
             self.engine.cancel(job.id)
             raise
         except RedisError as exc:
-            # Left unacked: this worker re-reads it, or another reclaims it.
+            # Left unacked: this worker re-reads it a little later (as a re-delivery, with a
+            # higher attempt), or another reclaims it.
             log.error("redis failed during job %s (%s); it stays pending", job.id, exc)
             self.engine.cancel(job.id)
+            self._reread_at = self._reread_at or time.monotonic() + 1.0
 
     async def _should_skip(self, job: Job, delivery: Delivery, publisher: ChunkPublisher) -> bool:
         (cancelled,) = await self.consumer.is_cancelled(job.model, [job.id])
@@ -270,6 +280,8 @@ class Worker:
                 )
             )
             return
+        except RedisError:
+            raise  # not the model's fault: the job stays pending and runs again
         except Exception as exc:
             log.exception("engine failed on job %s", job.id)
             await publisher.send(

@@ -54,14 +54,70 @@ async def test_read_and_ack(aredis: aioredis.Redis, redis_settings: RedisSetting
     assert Job.model_validate_json(delivery.payload) == job
     assert await b.read([MODEL], count=5, block_ms=100) == []  # one consumer per job
 
-    # after a restart (or a connection error) A re-reads its own unacked job
+    # after a restart (or a connection error) A re-reads its own unacked job: a re-delivery
     again = await a.read([MODEL], count=5, block_ms=100, own_pending=True)
-    assert [d.entry_id for d in again] == [delivery.entry_id]
+    assert [(d.entry_id, d.attempt) for d in again] == [(delivery.entry_id, 2)]
 
     await a.ack(MODEL, delivery.entry_id)
     assert await aredis.xlen(keys.jobs(MODEL)) == 0
     assert await pending(aredis, keys) == []
     assert await a.read([MODEL], count=5, block_ms=100, own_pending=True) == []
+
+
+async def test_own_pending_reread_is_a_new_attempt(
+    aredis: aioredis.Redis, redis_settings: RedisSettings
+) -> None:
+    """Bug: a job re-read from the consumer's own pending list (after its task failed on a
+    Redis error) came back as attempt 1, so the rerun's chunks restarted at seq 0 under the
+    attempt its first run had used; the API took them for duplicates and spliced the rerun's
+    later chunks onto the first run's. The re-read must count as a delivery, and jobs still
+    running here must be neither re-read nor counted."""
+    keys = redis_settings.keys
+    (a,) = await consumers(aredis, keys, "A")
+    queue = JobQueue(aredis, keys)
+    for _ in range(3):
+        await queue.enqueue(make_job(), max_depth=10)
+    first = await a.read([MODEL], count=5, block_ms=100)
+    assert [d.attempt for d in first] == [1, 1, 1]
+    running, failed = first[0].entry_id, [d.entry_id for d in first[1:]]
+
+    again = await a.read([MODEL], count=5, block_ms=100, own_pending=True, running=[running])
+    assert [(d.entry_id, d.attempt) for d in again] == [(f, 2) for f in failed]
+    assert [d.payload for d in again] == [d.payload for d in first[1:]]
+    # the count bounds it; the next re-read is attempt 3
+    (third,) = await a.read([MODEL], count=1, block_ms=100, own_pending=True, running=[running])
+    assert (third.entry_id, third.attempt) == (failed[0], 3)
+    counts = {e["message_id"]: e["times_delivered"] for e in await pending(aredis, keys)}
+    assert counts == {running: 1, failed[0]: 3, failed[1]: 2}
+    # new jobs are still first deliveries
+    await queue.enqueue(make_job(), max_depth=10)
+    (new,) = await a.read([MODEL], count=5, block_ms=100)
+    assert new.attempt == 1
+
+
+async def test_own_pending_reread_leaves_a_job_another_worker_reclaimed(
+    aredis: aioredis.Redis, redis_settings: RedisSettings
+) -> None:
+    keys = redis_settings.keys
+    a, b = await consumers(aredis, keys, "A", "B")
+    await JobQueue(aredis, keys).enqueue(make_job(), max_depth=10)
+    await a.read([MODEL], count=1, block_ms=100)
+    (claimed,) = await b.reclaim(MODEL)  # A's heartbeat lapsed (no alive key)
+    assert await a.read([MODEL], count=5, block_ms=100, own_pending=True) == []
+    (entry,) = await pending(aredis, keys)
+    assert (entry["consumer"], entry["times_delivered"]) == ("B", 2)
+
+
+async def test_own_pending_reread_acks_an_entry_deleted_while_pending(
+    aredis: aioredis.Redis, redis_settings: RedisSettings
+) -> None:
+    keys = redis_settings.keys
+    (a,) = await consumers(aredis, keys, "A")
+    await JobQueue(aredis, keys).enqueue(make_job(), max_depth=10)
+    (delivery,) = await a.read([MODEL], count=1, block_ms=100)
+    await aredis.xdel(keys.jobs(MODEL), delivery.entry_id)
+    assert await a.read([MODEL], count=5, block_ms=100, own_pending=True) == []
+    assert await pending(aredis, keys) == []
 
 
 async def test_live_owner_keeps_its_job_however_long_idle(
