@@ -104,6 +104,7 @@ class ChunkRelay:
         self._subs: dict[str, Subscription] = {}
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._active = asyncio.Event()
 
     async def start(self) -> None:
         self._pubsub = self.redis.pubsub()
@@ -127,6 +128,7 @@ class ChunkRelay:
         self._subs[sub.channel] = sub
         try:
             await self._pubsub.subscribe(sub.channel)
+            self._active.set()
             await asyncio.wait_for(sub.confirmed.wait(), timeout)
             yield sub
         finally:
@@ -138,7 +140,9 @@ class ChunkRelay:
         while True:
             try:
                 if not self._pubsub.subscribed:
-                    await asyncio.sleep(0.01)
+                    # Idle: sleep until a subscribe() needs its confirmation read.
+                    self._active.clear()
+                    await self._active.wait()
                     continue
                 message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from .engine import Engine, EngineEvent, InvalidRequest, JobHandle
 from .hf_engine import eos_ids
 from .llama_runner import LlamaRunner
 from .prompts import encode_prompt
-from .sampling import make_generator, sample, sample_rows
+from .sampling import make_generator, sample_rows
 from .text import TextTracker
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class BatchEngine(Engine):
         slots: int = 64,
         max_len: int | None = None,
         prefill_budget: int = 4096,
+        admit_window: float = 0.015,
+        admit_batch: int = 8,
     ) -> None:
         config_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self.max_context = min(max_len or config_len, config_len)
@@ -77,6 +80,9 @@ class BatchEngine(Engine):
         self.runner.capture_graphs()
         self.device = self.runner.device
         self.prefill_budget = prefill_budget
+        self.admit_window = admit_window
+        self.admit_batch = admit_batch
+        self._waiting_since = 0.0
         self._shared = torch.Generator(device=self.device)
         self._shared.seed()
         self._free = list(range(slots))
@@ -116,7 +122,7 @@ class BatchEngine(Engine):
         pending: _Step | None = None
         while not self._closed:
             self._collect(block=not running and not self._waiting and pending is None)
-            running += self._admit()
+            running += self._admit(busy=bool(running))
             running = [r for r in running if not self._drop_cancelled(r)]
             running = self._end_finished(running)
             try:
@@ -140,13 +146,23 @@ class BatchEngine(Engine):
                 if item is None:
                     self._closed = True
                 else:
+                    if not self._waiting:
+                        self._waiting_since = time.monotonic()
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
-    def _admit(self) -> list[_Run]:
-        """Prefill waiting jobs, together in one pass, while slots and the budget last."""
+    def _admit(self, busy: bool) -> list[_Run]:
+        """Prefill waiting jobs, together in one pass, while slots and the budget last.
+
+        While sequences are decoding, arrivals are gathered for up to ``admit_window``
+        seconds (or until ``admit_batch`` wait), so a trickle of requests costs a few
+        batched prefills instead of one stall of the decode loop each.
+        """
+        if busy and self._waiting and len(self._waiting) < self.admit_batch:
+            if time.monotonic() - self._waiting_since < self.admit_window:
+                return []
         admitted: list[tuple[_Run, list[int]]] = []
         budget, free = self.prefill_budget, len(self._free)
         while self._waiting and budget > 0:
@@ -206,16 +222,26 @@ class BatchEngine(Engine):
         return run, ids
 
     def _prefill(self, admitted: list[tuple[_Run, list[int]]]) -> None:
-        """One forward pass for every admitted prompt; then each job's first tokens."""
+        """One forward pass for every admitted prompt, one sampling pass for their first
+        tokens, one wait for the device."""
         logits = self.runner.prefill_batch(
             [r.seqs[0].slot for r, _ in admitted], [ids for _, ids in admitted]
         )
+        rows: list[int] = []
+        params: list[SamplingParams | None] = []
+        generators: list[torch.Generator | None] = []
         for row, (run, ids) in enumerate(admitted):
             for seq in run.seqs[1:]:
                 self.runner.copy_slot(run.seqs[0].slot, seq.slot, len(ids))
-            n = run.job.params.n
-            first = sample(logits[row].expand(n, -1), run.job.params, run.generator).tolist()
-            event = self._advance(run, first)
+            seeded = run.generator if run.job.params.seed is not None else None
+            for _ in run.seqs:
+                rows.append(row)
+                params.append(run.job.params)
+                generators.append(seeded)
+        picked = sample_rows(logits[_to(self.device, rows)], params, generators, self._shared)
+        firsts = iter(picked.tolist())
+        for run, _ in admitted:
+            event = self._advance(run, [next(firsts) for _ in run.seqs])
             if event:
                 run.handle.put(event)
 
