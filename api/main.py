@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from tokenrelay.queueing.connection import RedisSettings
@@ -49,12 +50,31 @@ def settings_from(args: argparse.Namespace) -> APISettings:
     )
 
 
+class ProbeAccessFilter(logging.Filter):
+    """Drops uvicorn's access-log lines for GET /health and /ready (polled every second
+    by orchestrators and by `serve` while a worker loads); keeps every other line."""
+
+    def __init__(self, root_path: str = "") -> None:
+        super().__init__()
+        root = root_path.rstrip("/")
+        self.paths = {f"{root}/health", f"{root}/ready", "/health", "/ready"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) < 3:
+            return True
+        method, path = args[1], str(args[2]).split("?", 1)[0]
+        return not (method == "GET" and path in self.paths)
+
+
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .app import create_app
 
     settings = settings_from(args)
+    # uvicorn's logging set-up keeps a logger's filters.
+    logging.getLogger("uvicorn.access").addFilter(ProbeAccessFilter(settings.root_path))
     uvicorn.run(
         create_app(settings),
         host=settings.host,

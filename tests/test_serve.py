@@ -15,6 +15,7 @@ import pytest
 from tokenrelay.embedded_redis import free_port
 
 from .conftest import DEMO_MODEL
+from .stack import Stack
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,10 @@ def test_serve_prints_url_and_answers(served) -> None:  # type: ignore[no-untype
     url, _, log = served
     text = log.read_text()
     assert f"{url}/v1" in text and "curl" in text
+    # Bug: serve's /ready polling printed an httpx "HTTP Request" line and an API access
+    # line per poll while the worker loaded, burying the banner.
+    assert "HTTP Request" not in text
+    assert "GET /ready" not in text
     r = httpx.post(
         f"{url}/v1/chat/completions",
         timeout=60,
@@ -88,3 +93,39 @@ def test_ctrl_c_stops_everything(served) -> None:  # type: ignore[no-untyped-def
     assert proc.wait(60) == 0
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_chat_cli_prints_no_http_log_lines(stack: Stack) -> None:
+    """Bug: `tokenrelay chat` printed httpx's INFO lines ("HTTP Request: POST ...") in the
+    middle of the conversation."""
+    stack.api()
+    stack.fake_worker()
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "chat", "--api-url", f"{stack.url}/v1"],
+        input="hello\nhello again\n!!exit\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("ASSISTANT: t0.") == 2, done.stdout  # the fake model answered
+    assert "HTTP Request" not in done.stdout + done.stderr, done.stderr
+
+
+def test_api_access_log_leaves_out_probes(stack: Stack) -> None:
+    """Bug: the API logged an access line for every /health and /ready poll (serve polls
+    /ready while the worker loads); other requests are still logged."""
+    api = stack.api()
+    for _ in range(3):
+        httpx.get(f"{stack.url}/ready", timeout=5)  # 503: no worker yet
+    stack.fake_worker()
+    stack.wait_http("/ready", api)
+    httpx.get(f"{stack.url}/health?probe=1", timeout=5)
+    assert httpx.get(f"{stack.url}/v1/models", timeout=5).status_code == 200
+    assert httpx.get(f"{stack.url}/nowhere", timeout=5).status_code == 404
+    deadline = time.monotonic() + 5
+    while "GET /nowhere" not in api.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = api.output()
+    assert "GET /v1/models" in text and "GET /nowhere" in text, text
+    assert "GET /ready" not in text and "GET /health" not in text, text

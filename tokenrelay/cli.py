@@ -48,4 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO ("HTTP Request: ..."): noise in the middle of a chat
+    # and in serve's start-up; keep its warnings only. The openai SDK uses httpx2.
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     importlib.import_module(args.module).run(args)
