@@ -113,6 +113,43 @@ def model_names(args: argparse.Namespace) -> list[str]:
     return ["fake"]
 
 
+def batch_blockers(args: argparse.Namespace) -> list[str]:
+    """The flags that rule out the batch engine: it reads the raw weights and assumes the
+    whole model on one device, so a quantized or split model is not for it."""
+    blockers = []
+    if args.load_8bit:
+        blockers.append("--load-8bit")
+    if args.num_gpus > 1:
+        blockers.append(f"--num-gpus {args.num_gpus}")
+    if args.max_gpu_memory:
+        blockers.append("--max-gpu-memory")
+    return blockers
+
+
+def choose_engine(args: argparse.Namespace, *, model_type: str, supported: bool) -> str:
+    """Which engine serves a loaded model: ``batch``, ``hf`` or ``generate``.
+
+    ``supported``: whether the batch engine knows the model's shape (``model_type``).
+    ``--engine batch`` that cannot be honoured exits with the reason.
+    """
+    if args.engine not in ("auto", "batch"):
+        return str(args.engine)
+    blockers = batch_blockers(args)
+    if args.engine == "batch":
+        if blockers:
+            raise SystemExit(
+                "--engine batch needs the whole model, unquantized, on one device, so it "
+                f"cannot run with {' or '.join(blockers)}: drop those flags, or use --engine hf"
+            )
+        if not supported:
+            raise SystemExit(
+                f"--engine batch supports Llama, Mistral and Qwen2 shaped models, not "
+                f"{model_type!r}; use --engine hf"
+            )
+        return "batch"
+    return "batch" if supported and not blockers else "hf"
+
+
 def build_engine(args: argparse.Namespace) -> Engine:
     if args.engine == "fake":
         from .fake_engine import FakeEngine
@@ -120,6 +157,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return FakeEngine(token_delay=args.fake_token_delay)
     if not args.model_path:
         raise SystemExit("tokenrelay worker: --model-path is required (a model folder or .gguf)")
+    if args.engine == "batch":  # refuse before spending minutes on loading
+        choose_engine(args, model_type="", supported=True)
     from .hf_engine import HFEngine
     from .llama_runner import supports
     from .loader import LoadOptions, load
@@ -135,16 +174,14 @@ def build_engine(args: argparse.Namespace) -> Engine:
             trust_remote_code=args.trust_remote_code,
         )
     )
-    if args.engine == "generate":
+    kind = choose_engine(
+        args, model_type=getattr(model.config, "model_type", ""), supported=supports(model)
+    )
+    if kind == "generate":
         from .generate_engine import GenerateEngine
 
         return GenerateEngine(model, tokenizer)
-    if args.engine == "batch" or (args.engine == "auto" and supports(model)):
-        if not supports(model):
-            raise SystemExit(
-                f"--engine batch supports Llama, Mistral and Qwen2 shaped models, not "
-                f"{model.config.model_type!r}; use --engine hf"
-            )
+    if kind == "batch":
         from .batch_engine import BatchEngine
 
         return BatchEngine(

@@ -1,0 +1,61 @@
+"""`tokenrelay worker` start-up decisions that need no model and no GPU."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tokenrelay.cli import build_parser
+from tokenrelay.workers.main import build_engine, choose_engine
+
+
+def worker_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["worker", "--model-path", "/nonexistent/model", *argv])
+
+
+SPREAD_OR_QUANTIZED = [
+    ("--load-8bit",),
+    ("--num-gpus", "2"),
+    ("--max-gpu-memory", "20GiB"),
+    ("--num-gpus", "4", "--max-gpu-memory", "20GiB"),
+]
+
+
+def test_auto_picks_batch_for_a_supported_model_on_one_device() -> None:
+    args = worker_args()
+    assert choose_engine(args, model_type="llama", supported=True) == "batch"
+    assert choose_engine(args, model_type="gpt2", supported=False) == "hf"
+
+
+@pytest.mark.parametrize("flags", SPREAD_OR_QUANTIZED)
+def test_auto_never_picks_batch_for_a_spread_or_quantized_model(flags: tuple[str, ...]) -> None:
+    """Bug: --engine auto chose the batch engine for a model loaded in 8 bits or split over
+    GPUs (--num-gpus > 1, --max-gpu-memory), though it reads raw weights and assumes one
+    device. Auto must fall back to hf there."""
+    args = worker_args("--engine", "auto", *flags)
+    assert choose_engine(args, model_type="llama", supported=True) == "hf"
+
+
+@pytest.mark.parametrize("flags", SPREAD_OR_QUANTIZED)
+def test_engine_batch_with_a_spread_or_quantized_model_exits_clearly(
+    flags: tuple[str, ...],
+) -> None:
+    args = worker_args("--engine", "batch", *flags)
+    with pytest.raises(SystemExit, match="--engine batch .* one device.*--engine hf") as exc:
+        choose_engine(args, model_type="llama", supported=True)
+    assert flags[0] in str(exc.value)
+    # and before loading anything (the model path does not even exist)
+    with pytest.raises(SystemExit, match=flags[0]):
+        build_engine(args)
+
+
+def test_engine_batch_for_an_unsupported_shape_exits_clearly() -> None:
+    with pytest.raises(SystemExit, match="not 'gpt2'"):
+        choose_engine(worker_args("--engine", "batch"), model_type="gpt2", supported=False)
+
+
+@pytest.mark.parametrize("engine", ["hf", "generate"])
+def test_explicit_engines_are_kept(engine: str) -> None:
+    args = worker_args("--engine", engine, "--load-8bit", "--num-gpus", "2")
+    assert choose_engine(args, model_type="llama", supported=True) == engine
