@@ -65,9 +65,9 @@ class GenerationService:
         except RedisError as exc:
             raise redis_down(exc) from exc
 
-    async def check(self, model: str, max_tokens: int | None) -> None:
+    async def check(self, model: str, max_tokens: int | None, n: int = 1) -> None:
         """404 for a model never served, 503 for one with no live worker, 400 for a
-        max_tokens no worker of it can hold."""
+        max_tokens no worker of it can hold or an ``n`` beyond every worker's slots."""
         workers = (await self.live_models()).get(model)
         if not workers:
             try:
@@ -90,6 +90,16 @@ class GenerationService:
                 f"({context} tokens, prompt included).",
                 param="max_tokens",
                 code="context_length_exceeded",
+            )
+        # A worker runs a request's n choices side by side, one of its slots each.
+        capacity = max(w.capacity for w in workers)
+        if n > capacity:
+            raise APIError(
+                400,
+                f"n={n} is more than the workers of '{model}' can run at once: at most "
+                f"n={capacity} (a worker's --limit-worker-concurrency).",
+                param="n",
+                code="n_too_large",
             )
 
     @contextlib.asynccontextmanager

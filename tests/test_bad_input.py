@@ -216,6 +216,27 @@ def test_real_model_completion_context_overflow(model_stack: Stack) -> None:
         assert str(context) in err["message"]
 
 
+def test_n_beyond_worker_slots(stack: Stack) -> None:
+    """Bug: n above a worker's slots (--limit-worker-concurrency, default 8; the API allows
+    n up to 16) reached the batch engine, which answered a 400 with code None. The API now
+    refuses it before queueing, naming the limit."""
+    stack.api()
+    stack.fake_worker("--limit-worker-concurrency", "2")
+    for path, base in (("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)):
+        for stream in (False, True):
+            body = {**base, "n": 3, "stream": stream}
+            err = assert_error(_stream_status(stack, path, body), 400, "n_too_large")
+            assert err["param"] == "n"
+            assert err["type"] == "invalid_request_error"
+            assert "n=2" in err["message"], err
+        r = _post(stack, path, json={**base, "n": 2})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2
+    with pytest.raises(openai.BadRequestError) as exc:
+        _client(stack).chat.completions.create(model="fake", messages=HELLO, n=3)
+    assert (exc.value.code, exc.value.param) == ("n_too_large", "n")
+
+
 # the official client maps statuses to exception classes
 
 

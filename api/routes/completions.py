@@ -14,12 +14,12 @@ router = APIRouter(dependencies=Authorized)
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, service: Service, request: Request) -> Any:
     job = body.to_job(service.settings.request_timeout)
-    await service.check(job.model, job.params.max_tokens)
+    await service.check(job.model, job.params.max_tokens, job.params.n)
     return await respond(service, job, body.include_usage, request)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, service: Service, request: Request) -> Any:
     job = body.to_job(service.settings.request_timeout)
-    await service.check(job.model, job.params.max_tokens)
+    await service.check(job.model, job.params.max_tokens, job.params.n)
     return await respond(service, job, body.include_usage, request)
