@@ -101,4 +101,5 @@ def _from_validation(exc: RequestValidationError) -> APIError:
     message = first.get("msg", "Invalid request")
     message = message.removeprefix("Value error, ")
     where = f" ('{param}')" if param else ""
-    return APIError(400, f"{message}{where}", code="invalid_value", param=param)
+    code = "unsupported_value" if first.get("type") == "unsupported_value" else "invalid_value"
+    return APIError(400, f"{message}{where}", code=code, param=param)

@@ -6,12 +6,20 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from tokenrelay.queueing.messages import ChatMessage, Job, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
+
+
+def not_supported(what: str) -> PydanticCustomError:
+    """A field tokenrelay accepts only at its default: any other value is a 400, never
+    silently ignored (the client would trust an answer made without it)."""
+    message = f"{what} is not supported by tokenrelay; leave it out"
+    return PydanticCustomError("unsupported_value", message)
 
 
 class TextPart(BaseModel):
@@ -62,6 +70,13 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return v
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -96,6 +111,15 @@ class ChatCompletionRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1, max_length=1024)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | int | None, info: ValidationInfo) -> bool | int | None:
+        if v:
+            raise not_supported(f"{info.field_name}={str(v).lower()} (log probabilities)")
+        return v
 
     def to_job(self, timeout: float) -> Job:
         messages = [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
@@ -112,6 +136,21 @@ class CompletionRequest(_Common):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
+    logprobs: bool | int | None = None  # legacy: an int, the alternatives per token
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise not_supported("echo=true (the prompt repeated in the answer)")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
+        if v is not None and v is not False:  # logprobs=0 still asks for the chosen token's
+            raise not_supported(f"logprobs={str(v).lower()} (log probabilities)")
+        return v
 
     def to_job(self, timeout: float) -> Job:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -116,6 +116,71 @@ def test_completion_invalid_values(fake_stack: Stack, change: dict[str, Any]) ->
     assert_error(_post(fake_stack, "/v1/completions", json=body), 400, "invalid_value")
 
 
+@pytest.mark.parametrize(
+    ("path", "base", "change", "param"),
+    [
+        ("/v1/completions", COMPLETION, {"echo": True}, "echo"),
+        ("/v1/completions", COMPLETION, {"logprobs": 2}, "logprobs"),
+        ("/v1/completions", COMPLETION, {"logprobs": 0}, "logprobs"),
+        ("/v1/chat/completions", CHAT, {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", CHAT, {"top_logprobs": 3}, "top_logprobs"),
+        ("/v1/chat/completions", CHAT, {"logprobs": True, "top_logprobs": 3}, "logprobs"),
+    ],
+)
+def test_unsupported_fields_are_refused(
+    fake_stack: Stack, path: str, base: dict[str, Any], change: dict[str, Any], param: str
+) -> None:
+    """Bug: echo=true and logprobs were accepted and silently ignored, so a client got an
+    answer without the prompt or the log probabilities it asked for. Now a 400 naming the
+    field; at its default (absent, false, null) it is still accepted."""
+    for stream in (False, True):
+        body = {**base, "stream": stream, **change}
+        err = assert_error(_stream_status(fake_stack, path, body), 400, "unsupported_value")
+        assert err["param"] == param, err
+        assert err["type"] == "invalid_request_error"
+        assert "not supported" in err["message"], err
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "change"),
+    [
+        ("/v1/completions", COMPLETION, {"echo": False}),
+        ("/v1/completions", COMPLETION, {"logprobs": None}),
+        ("/v1/completions", COMPLETION, {"logprobs": False}),
+        ("/v1/chat/completions", CHAT, {"logprobs": False}),
+        ("/v1/chat/completions", CHAT, {"logprobs": None, "top_logprobs": None}),
+        ("/v1/chat/completions", CHAT, {"logprobs": False, "top_logprobs": 0}),
+        ("/v1/chat/completions", CHAT, {"stream": False, "stream_options": None}),
+    ],
+)
+def test_unsupported_fields_at_their_default_are_accepted(
+    fake_stack: Stack, path: str, base: dict[str, Any], change: dict[str, Any]
+) -> None:
+    r = _post(fake_stack, path, json={**base, **change})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("path", "base"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)]
+)
+def test_stream_options_without_stream(fake_stack: Stack, path: str, base: dict[str, Any]) -> None:
+    """Bug: stream_options was accepted on a non-streaming request; OpenAI answers 400."""
+    for extra in ({}, {"stream": False}):
+        body = {**base, **extra, "stream_options": {"include_usage": True}}
+        err = assert_error(_post(fake_stack, path, json=body), 400, "invalid_value")
+        assert err["param"] == "stream_options", err
+        assert "stream" in err["message"]
+    r = _stream_status(
+        fake_stack, path, {**base, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.BadRequestError) as exc:
+        _client(fake_stack).chat.completions.create(
+            model="fake", messages=HELLO, stream_options={"include_usage": True}
+        )
+    assert exc.value.param == "stream_options"
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_malformed_json(fake_stack: Stack, path: str) -> None:
     for raw in (b'{"model": "fake", "messages": [', b"{bad json}", b"\xff\xfe"):
