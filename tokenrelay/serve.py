@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
             )
         )
         url = f"http://{_display_host(args.host)}:{args.port}"
-        _wait_ready(url, procs, args.ready_timeout)
+        wait_ready(url, procs, args.ready_timeout)
         _banner(url, names.split(",")[0], args.api_keys)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
@@ -130,12 +130,12 @@ def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
-def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise SystemExit(
-                "tokenrelay serve: a process exited during start-up; see the log above for why."
+                "tokenrelay: a process exited during start-up; see the log above for why."
             )
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
@@ -143,7 +143,7 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"tokenrelay serve: not ready after {timeout:.0f}s")
+    raise SystemExit(f"tokenrelay: not ready after {timeout:.0f}s")
 
 
 def _banner(url: str, model: str, keys: str | None) -> None:

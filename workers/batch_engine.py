@@ -8,10 +8,8 @@ own sampling parameters, seed, stop strings and stop tokens. The ``n`` choices o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
 
-from .engine import Engine, EngineEvent, InvalidRequest, JobHandle
+from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from .hf_engine import eos_ids
 from .llama_runner import LlamaRunner
 from .prompts import encode_prompt
@@ -58,7 +56,7 @@ class _Run:
         return all(s.finish is not None for s in self.seqs)
 
 
-class BatchEngine(Engine):
+class BatchEngine(ThreadedEngine):
     name = "batch"
 
     def __init__(
@@ -86,10 +84,7 @@ class BatchEngine(Engine):
         self._shared = torch.Generator(device=self.device)
         self._shared.seed()
         self._free = list(range(slots))
-        self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
         self._waiting: list[tuple[Job, JobHandle]] = []
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
         self._closed = False
         log.info(
             "batch engine: %d slots x %d tokens, KV cache %.2f GiB",
@@ -97,21 +92,7 @@ class BatchEngine(Engine):
             self.max_context,
             self.runner.kv_bytes / 2**30,
         )
-        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> JobHandle:
-        handle = JobHandle(job.id, asyncio.get_running_loop())
-        self._inbox.put((job, handle))
-        return handle
-
-    def cancel(self, job_id: str) -> None:
-        with self._lock:
-            self._cancelled.add(job_id)
-
-    def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
+        self._start_thread("batch-engine")
 
     # engine thread
 
@@ -213,7 +194,7 @@ class BatchEngine(Engine):
             job=job,
             handle=handle,
             prompt_len=len(ids),
-            max_tokens=self._max_tokens(job, len(ids)),
+            max_tokens=max_tokens_for(job, len(ids), self.max_context),
             generator=make_generator(params, self.device),
             stop_ids=set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids),
         )
@@ -245,19 +226,6 @@ class BatchEngine(Engine):
             if event:
                 run.handle.put(event)
 
-    def _max_tokens(self, job: Job, prompt_len: int) -> int:
-        room = self.max_context - prompt_len
-        asked = job.params.max_tokens
-        if room <= 0 or (asked is not None and asked > room):
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_context} tokens. However, "
-                f"you requested {prompt_len + (asked or 0)} tokens ({prompt_len} in the "
-                f"messages, {asked or 0} in the completion). Please reduce the length of the "
-                "messages or completion.",
-                code="context_length_exceeded",
-            )
-        return asked if asked is not None else room
-
     def _end_finished(self, running: list[_Run]) -> list[_Run]:
         for run in running:
             if run.done:
@@ -265,9 +233,7 @@ class BatchEngine(Engine):
         return [r for r in running if not r.done]
 
     def _drop_cancelled(self, run: _Run) -> bool:
-        with self._lock:
-            cancelled = run.job.id in self._cancelled
-            self._cancelled.discard(run.job.id)
+        cancelled = self.forget_cancel(run.job.id)
         if cancelled:
             self._end(run)
         return cancelled

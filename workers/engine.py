@@ -7,6 +7,8 @@ continuous-batching engine are interchangeable.
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -95,3 +97,59 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release threads and memory."""
+
+
+class ThreadedEngine(Engine):
+    """An engine whose model runs in a thread of its own: jobs arrive through an inbox
+    (``None`` asks the thread to stop), cancellations through a locked set."""
+
+    def _start_thread(self, name: str) -> None:
+        self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> JobHandle:
+        handle = JobHandle(job.id, asyncio.get_running_loop())
+        self._inbox.put((job, handle))
+        return handle
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def forget_cancel(self, job_id: str) -> bool:
+        """Whether ``job_id`` was cancelled; clears the mark (the job is over)."""
+        with self._lock:
+            cancelled = job_id in self._cancelled
+            self._cancelled.discard(job_id)
+        return cancelled
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    @abstractmethod
+    def _loop(self) -> None:
+        """The engine thread's body."""
+
+
+def max_tokens_for(job: Job, prompt_len: int, max_context: int) -> int:
+    """The completion budget of ``job``: what it asked for, or all the room left; a 400
+    (context_length_exceeded) when the prompt and the ask do not fit."""
+    room = max_context - prompt_len
+    asked = job.params.max_tokens
+    if room <= 0 or (asked is not None and asked > room):
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_context} tokens. However, you "
+            f"requested {prompt_len + (asked or 0)} tokens ({prompt_len} in the messages, "
+            f"{asked or 0} in the completion). Please reduce the length of the messages or "
+            "completion.",
+            code="context_length_exceeded",
+        )
+    return asked if asked is not None else room

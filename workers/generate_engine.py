@@ -6,17 +6,14 @@ benchmark runs this engine beside the batch engine to measure what batching buys
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
-import threading
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenrelay.queueing.messages import ChoiceDelta, Job
 
-from .engine import Engine, EngineEvent, InvalidRequest, JobHandle
+from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine
 from .prompts import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -55,7 +52,7 @@ class _Cancelled(Exception):
     pass
 
 
-class GenerateEngine(Engine):
+class GenerateEngine(ThreadedEngine):
     name = "generate"
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -63,28 +60,7 @@ class GenerateEngine(Engine):
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="generate-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> JobHandle:
-        handle = JobHandle(job.id, asyncio.get_running_loop())
-        self._inbox.put((job, handle))
-        return handle
-
-    def cancel(self, job_id: str) -> None:
-        with self._lock:
-            self._cancelled.add(job_id)
-
-    def is_cancelled(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._cancelled
-
-    def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
+        self._start_thread("generate-engine")
 
     def _loop(self) -> None:
         while (item := self._inbox.get()) is not None:

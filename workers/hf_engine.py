@@ -7,10 +7,8 @@ one batch.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +16,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenrelay.queueing.messages import ChoiceDelta, Job
 
-from .engine import Engine, EngineEvent, InvalidRequest, JobHandle
+from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from .prompts import encode_prompt
 from .sampling import make_generator, sample
 from .text import TextTracker
@@ -41,7 +39,7 @@ class _Running:
     completion_tokens: int = 0
 
 
-class HFEngine(Engine):
+class HFEngine(ThreadedEngine):
     name = "transformers"
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -50,24 +48,7 @@ class HFEngine(Engine):
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.eos_ids = eos_ids(model, tokenizer)
-        self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="hf-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> JobHandle:
-        handle = JobHandle(job.id, asyncio.get_running_loop())
-        self._inbox.put((job, handle))
-        return handle
-
-    def cancel(self, job_id: str) -> None:
-        with self._lock:
-            self._cancelled.add(job_id)
-
-    def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
+        self._start_thread("hf-engine")
 
     # engine thread
 
@@ -87,8 +68,7 @@ class HFEngine(Engine):
             for r in list(running):
                 if self._step(r):
                     running.remove(r)
-                    with self._lock:
-                        self._cancelled.discard(r.job.id)
+                    self.forget_cancel(r.job.id)
 
     def _take_new(self, block: bool) -> list[tuple[Job, JobHandle]]:
         items = []
@@ -105,7 +85,7 @@ class HFEngine(Engine):
     def _start(self, job: Job, handle: JobHandle) -> _Running | None:
         try:
             ids = encode_prompt(self.tokenizer, job)
-            max_tokens = self._max_tokens(job, len(ids))
+            max_tokens = max_tokens_for(job, len(ids), self.max_context)
             generator = make_generator(job.params, self.device)
             n = job.params.n
             r = _Running(
@@ -128,19 +108,6 @@ class HFEngine(Engine):
         handle.close()
         return None
 
-    def _max_tokens(self, job: Job, prompt_len: int) -> int:
-        room = self.max_context - prompt_len
-        asked = job.params.max_tokens
-        if room <= 0 or (asked is not None and asked > room):
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_context} tokens. However, "
-                f"you requested {prompt_len + (asked or 0)} tokens ({prompt_len} in the "
-                f"messages, {asked or 0} in the completion). Please reduce the length of the "
-                "messages or completion.",
-                code="context_length_exceeded",
-            )
-        return asked if asked is not None else room
-
     @torch.inference_mode()
     def _forward(self, r: _Running, input_ids: torch.Tensor) -> None:
         out = self.model(input_ids=input_ids, past_key_values=r.cache, use_cache=True)
@@ -149,9 +116,7 @@ class HFEngine(Engine):
     def _step(self, r: _Running) -> bool:
         """Take the sampled token of every live choice, emit text, decode the next step.
         Returns True when the job is over."""
-        with self._lock:
-            cancelled = r.job.id in self._cancelled
-        if cancelled:
+        if self.is_cancelled(r.job.id):
             r.handle.close()
             return True
         try:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenrelay.queueing.messages import ChatMessage, Job, SamplingParams
 from tokenrelay.workers.batch_engine import BatchEngine
@@ -21,13 +19,6 @@ QUESTIONS = [
     "List three primary colors.",
     "Explain gravity to a child in two sentences.",
 ]
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(demo_model: Path):  # type: ignore[no-untyped-def]
-    return AutoModelForCausalLM.from_pretrained(demo_model), AutoTokenizer.from_pretrained(
-        demo_model
-    )
 
 
 @pytest.fixture(scope="module")

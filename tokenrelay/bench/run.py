@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from .stats import markdown, summarize
 
 
@@ -151,6 +149,7 @@ def _measure_engine(
 
 def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[str, object]]:
     from tokenrelay.embedded_redis import EmbeddedRedis, free_port
+    from tokenrelay.serve import wait_ready
 
     redis = EmbeddedRedis().start()
     port = free_port()
@@ -194,7 +193,7 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
     ]
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, procs)
+        wait_ready(url, procs, 900)
         return [_measure_http(url, "bench", workload, c, args, "stack") for c in levels]
     finally:
         for p in procs:
@@ -218,20 +217,6 @@ def _measure_http(
     row = summarize(records, mode, concurrency)
     _log(str(row))
     return row
-
-
-def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise SystemExit("bench: a stack process exited during start-up")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("bench: the stack did not become ready")
 
 
 def _roofline(model, workload, device: str):  # type: ignore[no-untyped-def]
