@@ -176,6 +176,27 @@ own_children_ticks() {  # CPU ticks of this script's finished (waited-for) child
   awk '{print $16+$17}' "/proc/$$/stat"
 }
 
+probe() {  # the machine's speed now: 2-thread fp32 matmul, and memory copy bandwidth
+  "$TR_VENV/bin/python" - <<'PY'
+import time, torch
+torch.set_num_threads(2)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+for _ in range(5):
+    a @ b
+t = time.perf_counter()
+for _ in range(50):
+    a @ b
+mm = (time.perf_counter() - t) / 50 * 1000
+src = torch.empty(2**28, dtype=torch.uint8); dst = torch.empty_like(src)
+dst.copy_(src)
+t = time.perf_counter()
+for _ in range(10):
+    dst.copy_(src)
+gbs = 2 * src.numel() * 10 / (time.perf_counter() - t) / 1e9
+print(f"{mm:.1f} ms, {gbs:.1f} GB/s")
+PY
+}
+
 sample_load() {  # every 10 s: load average and the busiest processes
   while true; do
     { date +%T; cat /proc/loadavg
@@ -190,7 +211,9 @@ bench() {  # label url model out
   local before busy after
   before=$(cut -d' ' -f1-3 /proc/loadavg)
   busy=$(cpu_busy)
-  log "$label: load before $before, CPU busy (5 s, server idle) ${busy}%"
+  local speed0 speed1
+  speed0=$(probe)
+  log "$label: load before $before, CPU busy (5 s, server idle) ${busy}%, probe $speed0"
   # the machine's CPU time during the bench: the server's processes, the bench client's
   # (with this script's samplers), and the rest
   local t0 b0 s0 c0
@@ -205,8 +228,11 @@ bench() {  # label url model out
       w -= w0; f = b - s - c; if (f < 0) f = 0; k = 100 / hz / w / n
       printf "%.0f s | %.0f%% | %.0f%% | %.0f%% | %.0f%%", w, b * k, s * k, c * k, f * k }')
   after=$(cut -d' ' -f1-3 /proc/loadavg)
+  speed1=$(probe)
+  log "$label: probe after $speed1"
   log "$label: load after $after; wall | machine busy | server | bench client | foreign: $stats"
-  echo "| $label | $(date +%T) | $before | $busy% | $after | $stats |" >> "$OUT/cpu-load.md"
+  echo "| $label | $(date +%T) | $before | $busy% | $after | $stats | $speed0 / $speed1 |" \
+    >> "$OUT/cpu-load.md"
 }
 
 start_fastchat() {
@@ -273,10 +299,12 @@ start_tokenrelay() {
   echo "(/proc/loadavg). Busy before: all cores over 5 s with the server started and idle."
   echo "During the bench (% of all cores over its wall time): the whole machine, the"
   echo "server's processes, the bench client (tokenrelay bench and its client processes),"
-  echo "and foreign (the rest: other jobs on the machine)."
+  echo "and foreign (the rest: other jobs on the machine). Probe, before / after the run: one"
+  echo "1024x1024 fp32 matmul on 2 threads, and memory copy bandwidth (read + write): other"
+  echo "virtual machines on the same host can slow this one without showing up as foreign."
   echo
-  echo "| run | finished | load before | busy before | load after | wall | machine | server | bench client | foreign |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"; } > "$OUT/cpu-load.md.new"
+  echo "| run | finished | load before | busy before | load after | wall | machine | server | bench client | foreign | probe |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"; } > "$OUT/cpu-load.md.new"
 [ -f "$OUT/cpu-load.md.new" ] && mv "$OUT/cpu-load.md.new" "$OUT/cpu-load.md"
 
 for run in $(seq "$FIRST_RUN" $((FIRST_RUN + RUNS - 1))); do
