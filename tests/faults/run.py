@@ -15,7 +15,8 @@ import uuid
 from tokenrelay.embedded_redis import EmbeddedRedis
 
 from ..stack import Stack
-from .ledger import SCENARIOS, Summary
+from .catalog import SCENARIOS
+from .ledger import Summary
 
 
 def table(summaries: list[Summary]) -> str:

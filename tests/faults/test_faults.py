@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ..stack import Stack
-from .ledger import SCENARIOS
+from .catalog import SCENARIOS
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
