@@ -12,6 +12,7 @@ from tokenrelay.queueing.connection import connect
 from tokenrelay.queueing.relay import ChunkRelay
 
 from . import errors
+from .ratelimit import BodySizeLimit, RateLimiter
 from .routes import completions, health, models
 from .service import GenerationService
 from .settings import APISettings
@@ -24,6 +25,9 @@ def create_app(settings: APISettings) -> FastAPI:
         relay = ChunkRelay(redis, settings.redis.keys)
         await relay.start()
         app.state.service = GenerationService(redis, relay, settings)
+        app.state.limiter = RateLimiter(
+            redis, settings.redis.keys, settings.rate_limit_rpm, settings.rate_limit_tpm
+        )
         try:
             yield
         finally:
@@ -35,6 +39,7 @@ def create_app(settings: APISettings) -> FastAPI:
     )
     app.state.settings = settings
     errors.install(app)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     for module in (models, completions, health):
         app.include_router(module.router)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from tokenrelay.queueing.connection import RedisSettings
 
@@ -19,7 +20,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-keys",
         help="comma-separated keys clients must send as "
-        "'Authorization: Bearer KEY' (also TOKENRELAY_API_KEYS); none = open",
+        "'Authorization: Bearer KEY' (visible in `ps`: prefer TOKENRELAY_API_KEYS or "
+        "--api-keys-file); none of the three = open",
+    )
+    parser.add_argument(
+        "--api-keys-file",
+        help="file of API keys, one per line, '#' starts a comment (also "
+        "TOKENRELAY_API_KEYS_FILE); adds to --api-keys / TOKENRELAY_API_KEYS",
+    )
+    parser.add_argument(
+        "--rate-limit-rpm",
+        type=int,
+        default=0,
+        help="requests per minute per API key (per client IP without keys); 0 = off",
+    )
+    parser.add_argument(
+        "--rate-limit-tpm",
+        type=int,
+        default=0,
+        help="tokens per minute per API key, charged at admission as prompt chars/4 + "
+        "n * max_tokens; 0 = off",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body in bytes (default 1 MiB); 0 = no limit",
+    )
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=200_000,
+        help="most characters in a prompt or in all messages together (default 200000)",
     )
     parser.add_argument(
         "--max-queue",
@@ -37,11 +69,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
+def read_keys_file(path: str) -> list[str]:
+    """Keys from a file: one per line, blank lines and '#' comments skipped. A file that
+    is missing or holds no key stops the server (it would otherwise run open)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SystemExit(f"tokenrelay api: cannot read the API keys file {path}: {exc}") from exc
+    keys = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    keys = [k for k in keys if k]
+    if not keys:
+        raise SystemExit(f"tokenrelay api: the API keys file {path} holds no key")
+    return keys
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    raw = getattr(args, "api_keys", None) or os.environ.get("TOKENRELAY_API_KEYS", "")
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    path = getattr(args, "api_keys_file", None) or os.environ.get("TOKENRELAY_API_KEYS_FILE")
+    if path:
+        keys += read_keys_file(path)
+    return list(dict.fromkeys(keys))
+
+
 def settings_from(args: argparse.Namespace) -> APISettings:
-    raw = args.api_keys or os.environ.get("TOKENRELAY_API_KEYS", "")
+    for name in ("rate_limit_rpm", "rate_limit_tpm", "max_body_bytes", "max_prompt_chars"):
+        if getattr(args, name, 0) < 0:
+            raise SystemExit(f"tokenrelay api: --{name.replace('_', '-')} must be 0 or more")
     return APISettings(
         redis=RedisSettings(url=args.redis_url, prefix=args.key_prefix),
-        api_keys=[k.strip() for k in raw.split(",") if k.strip()],
+        api_keys=api_keys(args),
+        rate_limit_rpm=getattr(args, "rate_limit_rpm", 0),
+        rate_limit_tpm=getattr(args, "rate_limit_tpm", 0),
+        max_body_bytes=getattr(args, "max_body_bytes", 1 << 20),
+        max_prompt_chars=getattr(args, "max_prompt_chars", 200_000),
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         host=args.host,

@@ -13,6 +13,7 @@ from tokenrelay.queueing.messages import ChatMessage, Job, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
 
 
 def not_supported(what: str) -> PydanticCustomError:
@@ -68,6 +69,8 @@ class _Common(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("stream_options")

@@ -16,3 +16,7 @@ class APISettings:
     host: str = "127.0.0.1"
     port: int = 8000
     root_path: str = ""
+    rate_limit_rpm: int = 0  # requests per minute per API key (per client IP without keys)
+    rate_limit_tpm: int = 0  # tokens per minute, charged at admission; 0 = off
+    max_body_bytes: int = 1 << 20  # request bodies over this get a 400 body_too_large
+    max_prompt_chars: int = 200_000  # prompt / all message contents together

@@ -47,6 +47,10 @@ class Keys:
     def enqueued(self, model: str, request_id: str) -> str:
         return f"{self._model(model)}:enq:{request_id}"
 
+    # rate limits (per API-key hash, own hash tag: its two counters share a slot)
+    def rate(self, ident: str, kind: str) -> str:
+        return f"{self.prefix}:{{rl:{ident}}}:{kind}"
+
     # registry
     @property
     def workers(self) -> str:
