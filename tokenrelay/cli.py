@@ -13,6 +13,7 @@ COMMANDS = {
     "api": ("tokenrelay.api.main", "the OpenAI-compatible HTTP server"),
     "worker": ("tokenrelay.workers.main", "a model worker that consumes a model's job stream"),
     "chat": ("tokenrelay.ui.terminal", "chat with a served model in the terminal"),
+    "ui": ("tokenrelay.ui.main", "the browser chat, arena and status page (Gradio)"),
     "bench": ("tokenrelay.bench.run", "load-test engines and the stack side by side"),
 }
 

@@ -1,0 +1,73 @@
+"""Build the browser UI: a Gradio app over the public API, mounted on a small FastAPI app."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Before gradio is imported: no usage reports to huggingface.co from a private deployment.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from . import chat
+from .client import ApiClient
+
+CSS = """
+#chat-log sub, .arena-log sub { color: var(--body-text-color-subdued); }
+footer { display: none !important; }
+"""
+
+
+@dataclass
+class UISettings:
+    api_url: str = "http://127.0.0.1:8000/v1"
+    api_key: str = "EMPTY"
+    redis_url: str | None = None
+    key_prefix: str = "tr"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    root_path: str = ""
+
+    @property
+    def path(self) -> str:
+        """Where the UI is mounted: the root path, without a trailing slash ("" for /)."""
+        return "/" + self.root_path.strip("/") if self.root_path.strip("/") else ""
+
+
+def build_blocks(settings: UISettings) -> gr.Blocks:
+    api = ApiClient(settings.api_url, settings.api_key)
+    with gr.Blocks(title="tokenrelay", analytics_enabled=False) as demo:
+        gr.Markdown(f"## tokenrelay &nbsp; <sub>{settings.api_url}</sub>")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                chat.build(api, demo)
+    demo.queue(default_concurrency_limit=64)
+    return demo
+
+
+def create_app(settings: UISettings) -> FastAPI:
+    """The ASGI app: the Gradio UI under ``settings.path`` (or /)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    path = settings.path
+    if path:
+
+        @app.get("/", include_in_schema=False)
+        def to_ui() -> RedirectResponse:
+            return RedirectResponse(f"{path}/")
+
+    theme = gr.themes.Default(primary_hue="indigo")
+    return gr.mount_gradio_app(
+        app,
+        build_blocks(settings),
+        path=path or "/",
+        theme=theme,
+        css=CSS,
+        footer_links=[],
+        ssr_mode=False,
+        enable_monitoring=False,
+        pwa=False,
+        mcp_server=False,
+    )
