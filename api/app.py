@@ -13,7 +13,7 @@ from tokenrelay.queueing.relay import ChunkRelay
 
 from . import errors
 from .ratelimit import BodySizeLimit, RateLimiter
-from .routes import completions, health, models
+from .routes import completions, health, models, status
 from .service import GenerationService
 from .settings import APISettings
 
@@ -40,6 +40,6 @@ def create_app(settings: APISettings) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    for module in (models, completions, health):
+    for module in (models, completions, status, health):
         app.include_router(module.router)
     return app

@@ -15,6 +15,7 @@ from tokenrelay.queueing.jobs import JobQueue
 from tokenrelay.queueing.messages import Chunk, ErrorInfo, Job
 from tokenrelay.queueing.registry import Registry, WorkerInfo
 from tokenrelay.queueing.relay import ChunkRelay, Subscription
+from tokenrelay.queueing.status import Status, snapshot
 
 from .errors import APIError, model_not_found, overloaded
 from .settings import APISettings
@@ -62,6 +63,12 @@ class GenerationService:
     async def live_models(self) -> dict[str, list[WorkerInfo]]:
         try:
             return await self.registry.live_models()
+        except RedisError as exc:
+            raise redis_down(exc) from exc
+
+    async def status(self) -> Status:
+        try:
+            return await snapshot(self.redis, self.settings.redis.keys)
         except RedisError as exc:
             raise redis_down(exc) from exc
 

@@ -28,6 +28,9 @@ class WorkerInfo(BaseModel):
     pid: int = 0
     max_context: int = 0
     engine: str = ""
+    last_heartbeat: float = 0.0  # unix seconds, set by each heartbeat
+    tokens_per_s: float = 0.0  # completion tokens per second over the last few seconds
+    tokens_total: int = 0  # completion tokens generated since the worker started
 
 
 class Registry:
@@ -38,6 +41,7 @@ class Registry:
     async def heartbeat(self, info: WorkerInfo, ttl: float) -> None:
         ms = int(ttl * 1000)
         now = time.time()
+        info.last_heartbeat = now
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.worker(info.id), info.model_dump_json(), px=ms)
         pipe.sadd(self.keys.workers, info.id)

@@ -30,6 +30,7 @@ from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job, Result, Us
 from tokenrelay.queueing.registry import Registry, WorkerInfo
 
 from .engine import Engine, EngineEvent, InvalidRequest
+from .throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._reread_at = 0.0  # when to re-read our own pending jobs (0: no need)
+        self.throughput = Throughput()
         self.info = WorkerInfo(
             id=options.worker_id,
             models=options.models,
@@ -254,10 +256,12 @@ class Worker:
         finish: list[str | None] = [None] * n
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         handle = self.engine.submit(job)
+        counted = 0  # this job's tokens already in self.throughput
         try:
             async for events in handle.stream():
                 deltas = _merge(events, texts, finish)
                 usage = _usage(events[-1])
+                counted = self.throughput.count(usage.completion_tokens, counted)
                 if time.time() > job.deadline:
                     self.engine.cancel(job.id)
                     await publisher.send(
@@ -312,6 +316,8 @@ class Worker:
 
     async def _heartbeat_once(self) -> None:
         self.info.inflight = len(self.inflight)
+        self.info.tokens_per_s = self.throughput.rate()
+        self.info.tokens_total = self.throughput.total
         await self.registry.heartbeat(self.info, self.options.heartbeat_ttl)
 
     async def _heartbeat_loop(self) -> None:

@@ -1,0 +1,127 @@
+"""A point-in-time view of the whole system, read from Redis alone.
+
+One snapshot feeds ``GET /v1/status``, ``tokenrelay status`` and the gauges of
+``/metrics``: per model the live workers, queued and running jobs, tokens/s and dead
+letters; per worker what its last heartbeat reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ResponseError
+
+from .consumer import HANDED_BACK
+from .keys import GROUP, Keys
+from .registry import KNOWN_MODEL_TTL, Registry, WorkerInfo
+
+
+class ModelStatus(BaseModel):
+    name: str
+    workers: int
+    queued: int  # in the stream, not yet taken by a worker (or handed back by one)
+    running: int  # taken by a worker, not yet acknowledged
+    tokens_per_s: float  # the live workers' generation rate, summed
+    dead_letters: int
+    oldest_queued_s: float = 0.0  # age of the oldest job no worker has taken yet
+
+
+class WorkerStatus(BaseModel):
+    id: str
+    models: list[str]
+    device: str
+    capacity: int
+    inflight: int
+    engine: str
+    host: str
+    pid: int
+    started_at: float
+    last_heartbeat: float
+    tokens_per_s: float
+    version: str
+
+
+class Status(BaseModel):
+    models: list[ModelStatus]
+    workers: list[WorkerStatus]
+
+
+async def snapshot(redis: aioredis.Redis, keys: Keys) -> Status:
+    """Every model seen in the last week and every live worker, as Redis holds them now."""
+    workers = await Registry(redis, keys).live_workers()
+    names = set(await _known_models(redis, keys))
+    for w in workers:
+        names.update(w.models)
+    models = [await _model_status(redis, keys, name, workers) for name in sorted(names)]
+    return Status(models=models, workers=[_worker_status(w) for w in workers])
+
+
+async def _known_models(redis: aioredis.Redis, keys: Keys) -> list[str]:
+    since = time.time() - KNOWN_MODEL_TTL
+    return list(await redis.zrangebyscore(keys.known_models, since, "+inf"))
+
+
+async def _model_status(
+    redis: aioredis.Redis, keys: Keys, name: str, workers: list[WorkerInfo]
+) -> ModelStatus:
+    stream = keys.jobs(name)
+    pipe = redis.pipeline(transaction=False)
+    pipe.xlen(stream)
+    pipe.xlen(keys.dead_letters(name))
+    length, dead = await pipe.execute()
+    running = await _running(redis, stream)
+    serving = [w for w in workers if name in w.models]
+    return ModelStatus(
+        name=name,
+        workers=len(serving),
+        # Finished jobs are XDELed, so the stream holds exactly the queued + running ones.
+        queued=max(0, int(length) - running),
+        running=running,
+        tokens_per_s=round(sum(w.tokens_per_s for w in serving), 2),
+        dead_letters=int(dead),
+        oldest_queued_s=await _oldest_queued_age(redis, stream),
+    )
+
+
+async def _running(redis: aioredis.Redis, stream: str) -> int:
+    """Pending entries of real consumers (a stopping worker's handed-back jobs wait)."""
+    try:
+        summary = await redis.xpending(stream, GROUP)
+    except ResponseError:  # no stream or no group yet
+        return 0
+    consumers = summary.get("consumers") or []
+    handed_back = sum(int(c["pending"]) for c in consumers if c["name"] == HANDED_BACK)
+    return int(summary.get("pending") or 0) - handed_back
+
+
+async def _oldest_queued_age(redis: aioredis.Redis, stream: str) -> float:
+    """Seconds since the oldest not-yet-delivered job was queued (its id is its time)."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return 0.0
+    last = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP), "0-0")
+    entries = await redis.xrange(stream, f"({last}", "+", count=1)
+    if not entries:
+        return 0.0
+    queued_ms = int(entries[0][0].split("-", 1)[0])
+    return round(max(0.0, time.time() - queued_ms / 1000), 3)
+
+
+def _worker_status(w: WorkerInfo) -> WorkerStatus:
+    return WorkerStatus(
+        id=w.id,
+        models=w.models,
+        device=w.device,
+        capacity=w.capacity,
+        inflight=w.inflight,
+        engine=w.engine,
+        host=w.host,
+        pid=w.pid,
+        started_at=w.started_at,
+        last_heartbeat=w.last_heartbeat,
+        tokens_per_s=w.tokens_per_s,
+        version=w.version,
+    )

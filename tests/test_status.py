@@ -1,0 +1,86 @@
+"""GET /v1/status (the UI's status tab reads it) and `tokenrelay status`, against real
+processes."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from .stack import Stack
+
+MODEL_FIELDS = {"name", "workers", "queued", "running", "tokens_per_s", "dead_letters"}
+WORKER_FIELDS = {
+    "id", "models", "device", "capacity", "inflight", "engine", "host", "pid",
+    "started_at", "last_heartbeat", "tokens_per_s", "version",
+}  # fmt: skip
+
+
+def _status(stack: Stack, **kw: object) -> httpx.Response:
+    return httpx.get(f"{stack.url}/v1/status", timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def _fake(model: str) -> dict[str, object]:
+    return {"model": model, "prompt": "hi", "max_tokens": 40, "stream": False}
+
+
+def test_status_reports_models_and_workers(stack: Stack) -> None:
+    stack.api()
+    stack.fake_worker("--limit-worker-concurrency", "3", "--fake-token-delay", "0.02")
+    r = _status(stack)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (model,) = body["models"]
+    assert MODEL_FIELDS <= set(model)
+    assert model == model | {"name": "fake", "workers": 1, "queued": 0, "running": 0}
+    (worker,) = body["workers"]
+    assert WORKER_FIELDS <= set(worker)
+    assert worker["models"] == ["fake"] and worker["capacity"] == 3
+    assert worker["engine"] == "fake" and worker["device"] == "cpu"
+    assert abs(worker["last_heartbeat"] - time.time()) < 10
+
+
+def test_status_counts_queued_running_and_tokens_per_s(stack: Stack) -> None:
+    stack.api()
+    stack.fake_worker("--limit-worker-concurrency", "2", "--fake-token-delay", "0.05")
+    with httpx.Client(timeout=60) as client:
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(5) as pool:
+            futures = [
+                pool.submit(client.post, f"{stack.url}/v1/completions", json=_fake("fake"))
+                for _ in range(5)
+            ]
+            seen = _poll(stack, lambda m, _: m["running"] == 2 and m["queued"] == 3)
+            busy = _poll(stack, lambda m, w: w[0]["tokens_per_s"] > 0 and m["tokens_per_s"] > 0)
+            for f in futures:
+                assert f.result().status_code == 200
+    assert seen and busy
+    idle = _poll(stack, lambda m, _: m["running"] == 0 and m["queued"] == 0)
+    assert idle
+
+
+def _poll(stack: Stack, ok: object, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = _status(stack).json()
+        if body["models"] and ok(body["models"][0], body["workers"]):  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_status_needs_the_api_key(stack: Stack) -> None:
+    stack.api("--api-keys", "k1")
+    stack.fake_worker()
+    assert _status(stack).status_code == 401
+    ok = _status(stack, headers={"Authorization": "Bearer k1"})
+    assert ok.status_code == 200 and ok.json()["models"][0]["name"] == "fake"
+
+
+def test_status_counts_dead_letters(stack: Stack, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    stack.api()
+    stack.fake_worker()
+    sync_redis.xadd(f"{stack.prefix}:{{m:fake}}:dead", {"job": "{}", "reason": "test"})
+    (model,) = _status(stack).json()["models"]
+    assert model["dead_letters"] == 1
