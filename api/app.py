@@ -12,6 +12,7 @@ from tokenrelay.queueing.connection import connect
 from tokenrelay.queueing.relay import ChunkRelay
 
 from . import errors
+from .draining import Drain
 from .ratelimit import BodySizeLimit, RateLimiter
 from .routes import completions, health, models, status
 from .service import GenerationService
@@ -38,6 +39,7 @@ def create_app(settings: APISettings) -> FastAPI:
         title="tokenrelay", version=__version__, lifespan=lifespan, root_path=settings.root_path
     )
     app.state.settings = settings
+    app.state.drain = Drain(settings.shutdown_grace)
     errors.install(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     for module in (models, completions, status, health):

@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds a request may take, queue wait included (default 600)",
     )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds open requests get to finish on SIGTERM; then a stream ends with an "
+        "error event and [DONE], a waiting request gets a 503 (default 30)",
+    )
     parser.add_argument("--root-path", default="", help="path prefix behind a proxy")
     parser.add_argument("--log-level", default="info")
 
@@ -108,6 +115,7 @@ def settings_from(args: argparse.Namespace) -> APISettings:
         host=args.host,
         port=args.port,
         root_path=args.root_path,
+        shutdown_grace=getattr(args, "shutdown_grace", 30.0),
     )
 
 
@@ -132,14 +140,18 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .app import create_app
+    from .draining import DrainingServer
 
     settings = settings_from(args)
     # uvicorn's logging set-up keeps a logger's filters.
     logging.getLogger("uvicorn.access").addFilter(ProbeAccessFilter(settings.root_path))
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=30,
+        # Past the streams' own grace, which ends them with a terminal event first.
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 3,
     )
+    DrainingServer(config, app.state.drain).run()

@@ -20,3 +20,4 @@ class APISettings:
     rate_limit_tpm: int = 0  # tokens per minute, charged at admission; 0 = off
     max_body_bytes: int = 1 << 20  # request bodies over this get a 400 body_too_large
     max_prompt_chars: int = 200_000  # prompt / all message contents together
+    shutdown_grace: float = 30.0  # seconds open requests get to finish on SIGTERM

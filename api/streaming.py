@@ -22,6 +22,7 @@ from sse_starlette import EventSourceResponse
 
 from tokenrelay.queueing.messages import Chunk, Job
 
+from .draining import Drain, shutting_down, until_drained
 from .errors import APIError
 from .openai_format import Collector, Formatter
 from .service import GenerationService, error_from
@@ -33,25 +34,31 @@ async def respond(
     service: GenerationService, job: Job, include_usage: bool, request: Request
 ) -> Any:
     """Answer ``job``; a client that leaves before the answer starts cancels it."""
+    drain: Drain = request.app.state.drain
     if job.stream:
-        work = _stream(service, job, Formatter(job, include_usage))
+        work = _stream(service, job, Formatter(job, include_usage), drain)
     else:
         work = _whole(service, job)
-    return await _unless_disconnected(request, work)
+    return await _unless_disconnected(request, work, drain)
 
 
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``work`` while watching the client; if it goes away, cancel ``work`` (whose
-    cleanup cancels the job, even one still queued)."""
+async def _unless_disconnected(
+    request: Request, work: Coroutine[Any, Any, Any], drain: Drain
+) -> Any:
+    """Run ``work`` while watching the client; if it goes away, or the server's shutdown
+    grace runs out, cancel ``work`` (whose cleanup cancels the job, even one still queued)."""
     task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL)
         if done:
             return task.result()
-        if await request.is_disconnected():
+        gone = await request.is_disconnected()
+        if gone or drain.expired():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if not gone:
+                raise shutting_down()
             return Response(status_code=499)
 
 
@@ -66,7 +73,9 @@ async def _whole(service: GenerationService, job: Job) -> JSONResponse:
     return JSONResponse(body)
 
 
-async def _stream(service: GenerationService, job: Job, fmt: Formatter) -> EventSourceResponse:
+async def _stream(
+    service: GenerationService, job: Job, fmt: Formatter, drain: Drain
+) -> EventSourceResponse:
     stack = contextlib.AsyncExitStack()
     try:
         run = await stack.enter_async_context(service.generate(job))
@@ -78,11 +87,22 @@ async def _stream(service: GenerationService, job: Job, fmt: Formatter) -> Event
         with anyio.CancelScope(shield=True):
             await stack.aclose()
         raise
-    return EventSourceResponse(_events(stack, fmt, first, chunks), sep="\n", ping=15)
+    # sse-starlette cuts open streams when the server starts to stop, unless given a grace:
+    # this one outlasts the drain's, so a stream always ends itself with a terminal event.
+    return EventSourceResponse(
+        _events(stack, fmt, first, chunks, drain),
+        sep="\n",
+        ping=15,
+        shutdown_grace_period=drain.grace + 1,
+    )
 
 
 async def _events(
-    stack: contextlib.AsyncExitStack, fmt: Formatter, first: Chunk, rest: AsyncIterator[Chunk]
+    stack: contextlib.AsyncExitStack,
+    fmt: Formatter,
+    first: Chunk,
+    rest: AsyncIterator[Chunk],
+    drain: Drain,
 ) -> AsyncIterator[dict[str, str]]:
     try:
         for body in fmt.opening():
@@ -90,7 +110,10 @@ async def _events(
         for body in _render(fmt, first):
             yield _data(body)
         if not first.done:
-            async for chunk in rest:
+            async for chunk in until_drained(rest, drain):
+                if chunk is None:
+                    yield _data(shutting_down().body())
+                    break
                 for body in _render(fmt, chunk):
                     yield _data(body)
         yield {"data": "[DONE]"}

@@ -10,6 +10,10 @@ from redis.exceptions import ResponseError
 
 from .keys import GROUP, Keys
 
+# The consumer that jobs handed back by a stopping worker move to. No worker heartbeats under
+# this name, so the next reclaim of any live worker takes them.
+HANDED_BACK = "handed-back"
+
 # Claim a pending job only when its owner's heartbeat key is gone. Owner check and claim run
 # in one script, so a worker that is alive (however long its generation) never loses a job.
 # The alive keys share the stream's {m:NAME} hash tag, so this stays single-slot on a cluster.
@@ -150,6 +154,15 @@ class JobConsumer:
             args=[GROUP, self.consumer, self.keys.alive_prefix(model), count, max(scan, count)],
         )
         return [Delivery(model, entry_id, job, int(n)) for entry_id, job, n in rows]
+
+    async def hand_back(self, model: str, entry_ids: list[str]) -> None:
+        """Give read jobs back to the group at once (a stopping worker's unstarted or
+        unfinished jobs), without waiting for its heartbeat to lapse. JUSTID: the move
+        itself counts no delivery."""
+        if entry_ids:
+            await self.redis.xclaim(
+                self.keys.jobs(model), GROUP, HANDED_BACK, 0, entry_ids, justid=True
+            )
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move a job that keeps failing out of the way, keeping it for inspection."""

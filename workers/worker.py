@@ -35,6 +35,10 @@ from .throughput import Throughput
 log = logging.getLogger(__name__)
 
 
+class _RunAgain(Exception):
+    """The engine failed on a job that may succeed on another delivery: leave it pending."""
+
+
 @dataclass
 class WorkerOptions:
     models: list[str]
@@ -117,8 +121,20 @@ class Worker:
         _, pending = await asyncio.wait(
             list(self.inflight.values()), timeout=self.options.shutdown_grace
         )
-        for task in pending:  # left pending in Redis: another worker reclaims them
+        late = [e for e, task in self.inflight.items() if task in pending]
+        models = {e: self.jobs[e].model for e in late if e in self.jobs}
+        for task in pending:
             task.cancel()
+        await asyncio.wait(pending, timeout=5)
+        for model in set(models.values()):  # the rest go back at once, for others to run
+            await self._hand_back(model, [e for e in late if models.get(e) == model])
+
+    async def _hand_back(self, model: str, entry_ids: list[str]) -> None:
+        try:
+            await self.consumer.hand_back(model, entry_ids)
+            log.info("handed back %d jobs of %s", len(entry_ids), model)
+        except (RedisError, OSError) as exc:  # they wait for our heartbeat to lapse instead
+            log.warning("could not hand back %d jobs: %s", len(entry_ids), exc)
 
     # reading jobs
 
@@ -156,6 +172,10 @@ class Worker:
                 continue
             if own_pending and len(deliveries) < free:
                 own_pending = False
+            if self._stopping.is_set():  # read while stopping: not ours to run any more
+                for delivery in deliveries:
+                    await self._hand_back(delivery.model, [delivery.entry_id])
+                break
             for delivery in deliveries:
                 self._start(delivery)
 
@@ -194,11 +214,13 @@ class Worker:
             if await self._should_skip(job, delivery, publisher):
                 await self.consumer.ack(job.model, delivery.entry_id)
                 return
-            await self._generate(job, publisher)
+            await self._generate(job, delivery, publisher)
             await self.consumer.ack(job.model, delivery.entry_id)
         except asyncio.CancelledError:
             self.engine.cancel(job.id)
             raise
+        except _RunAgain:
+            self._reread_at = self._reread_at or time.monotonic() + 1.0
         except RedisError as exc:
             # Left unacked: this worker re-reads it a little later (as a re-delivery, with a
             # higher attempt), or another reclaims it.
@@ -250,7 +272,7 @@ class Worker:
             log.info("job %s re-delivered (attempt %d)", job.id, delivery.attempt)
         return False
 
-    async def _generate(self, job: Job, publisher: ChunkPublisher) -> None:
+    async def _generate(self, job: Job, delivery: Delivery, publisher: ChunkPublisher) -> None:
         n = job.params.n
         texts = [""] * n
         finish: list[str | None] = [None] * n
@@ -287,15 +309,8 @@ class Worker:
         except RedisError:
             raise  # not the model's fault: the job stays pending and runs again
         except Exception as exc:
-            log.exception("engine failed on job %s", job.id)
-            await publisher.send(
-                error=ErrorInfo(
-                    message=f"The model failed on this request: {exc}",
-                    type="server_error",
-                    code="engine_error",
-                    status=500,
-                )
-            )
+            log.exception("engine failed on job %s (attempt %d)", job.id, delivery.attempt)
+            await self._engine_failed(delivery, publisher, exc)
             return
         if None in finish:  # the engine ended the job early: cancelled
             await publisher.send(
@@ -311,6 +326,25 @@ class Worker:
             ChoiceDelta(index=i, text=t, finish_reason=finish[i]) for i, t in enumerate(texts)
         ]
         await publisher.send(usage=usage, result=Result(id=job.id, choices=choices, usage=usage))
+
+    async def _engine_failed(
+        self, delivery: Delivery, publisher: ChunkPublisher, exc: Exception
+    ) -> None:
+        """A job the engine failed on runs again until its deliveries run out, then goes to
+        the dead-letter stream with an error to its client. A stream that has sent tokens
+        cannot run again unseen: it gets the error at once."""
+        if delivery.attempt < self.options.max_deliveries and publisher.seq == 0:
+            raise _RunAgain from exc
+        await self.consumer.dead_letter(delivery, f"engine error: {exc}")
+        await publisher.send(
+            error=ErrorInfo(
+                message=f"The model failed on this request ({delivery.attempt} deliveries; "
+                f"set aside in the dead-letter stream): {exc}",
+                type="server_error",
+                code="engine_error",
+                status=500,
+            )
+        )
 
     # background duties
 
