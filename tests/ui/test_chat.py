@@ -1,0 +1,117 @@
+"""Direct chat in a real browser: streaming, Stop, readable errors, the real model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import redis
+
+from ..conftest import DEMO_MODEL
+from .conftest import Page, start_ui
+
+
+def open_chat(page: Page, url: str) -> None:
+    page.page.goto(url)
+    page.page.locator("#chat-input textarea").wait_for()
+
+
+def pick_model(page: Page, name: str) -> None:
+    page.page.locator("#chat-model input").click()
+    page.page.get_by_role("option", name=name).click()
+
+
+def ask(page: Page, text: str) -> None:
+    box = page.page.locator("#chat-input textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def chat_text(page: Page) -> str:
+    return page.page.locator("#chat-log").inner_text()
+
+
+def wait_text(page: Page, needle: str, timeout: float = 60) -> None:
+    page.page.locator("#chat-log").get_by_text(needle).first.wait_for(timeout=timeout * 1000)
+
+
+def test_real_model_answers_paris(model_stack, page: Page) -> None:
+    url = start_ui(model_stack)
+    open_chat(page, url)
+    pick_model(page, DEMO_MODEL)
+    ask(page, "What is the capital of France?")
+    wait_text(page, "Paris", timeout=120)
+    wait_text(page, "tokens/s", timeout=120)  # the footer comes with the usage chunk
+    page.shot("chat-paris")
+    assert "prompt" in chat_text(page)
+    assert page.outside_hosts() == set()
+
+
+def worker_inflight(client: redis.Redis, prefix: str) -> int:
+    ids = client.smembers(f"{prefix}:workers")
+    infos = [client.get(f"{prefix}:worker:{i}") for i in ids]
+    return sum(json.loads(info)["inflight"] for info in infos if info)
+
+
+def chunk_log_lengths(client: redis.Redis, prefix: str) -> list[int]:
+    keys = sorted(client.scan_iter(f"{prefix}:{{m:fake}}:log:*"))
+    return [client.xlen(k) for k in keys]
+
+
+def test_stop_cancels_the_job_on_the_worker(stack, page: Page, sync_redis) -> None:
+    stack.api()
+    stack.fake_worker("--fake-token-delay", "0.05")
+    open_chat(page, start_ui(stack))
+    ask(page, "tell me a very long story")
+    wait_text(page, "t20.")  # 20 tokens in: the job is running on the worker
+    assert worker_inflight(sync_redis, stack.prefix) == 1
+    page.page.locator("#chat-stop").click()
+    stopped = time.monotonic()
+    while worker_inflight(sync_redis, stack.prefix) and time.monotonic() - stopped < 5:
+        time.sleep(0.1)
+    assert worker_inflight(sync_redis, stack.prefix) == 0, "the worker kept generating"
+    before, shown = chunk_log_lengths(sync_redis, stack.prefix), chat_text(page)
+    time.sleep(1.5)
+    assert chunk_log_lengths(sync_redis, stack.prefix) == before
+    assert chat_text(page) == shown
+    assert "t500." not in shown  # stopped long before max tokens (512 at 0.05 s each)
+    page.shot("chat-stopped")
+
+
+def test_bad_key_is_a_readable_message(stack, page: Page) -> None:
+    stack.api("--api-keys", "right-key")
+    stack.fake_worker()
+    open_chat(page, start_ui(stack, api_key="wrong-key"))
+    notice = page.page.locator("#chat-notice")
+    notice.get_by_text("The API key was refused").wait_for()
+    assert "401" in notice.inner_text()
+    page.shot("chat-bad-key")
+
+
+def test_no_worker_is_a_readable_503(stack, page: Page) -> None:
+    stack.api()
+    worker = stack.fake_worker()
+    open_chat(page, start_ui(stack))
+    pick_model(page, "fake")
+    worker.kill(signal.SIGTERM)  # deregisters at once: the model is known, no worker is live
+    ask(page, "hello")
+    wait_text(page, "No model is ready")
+    text = chat_text(page)
+    assert "503" in text and "Start a worker" in text
+    assert "network error" not in text.lower()
+    page.shot("chat-no-worker")
+
+
+@pytest.mark.parametrize("root_path", ["/chat"])
+def test_works_under_a_root_path(stack, page: Page, root_path: str) -> None:
+    stack.api()
+    stack.fake_worker()
+    url = start_ui(stack, root_path=root_path)
+    assert url.endswith("/chat/")
+    open_chat(page, url)
+    ask(page, "hello")
+    wait_text(page, "tokens/s")
+    assert "t3." in chat_text(page)
+    assert page.outside_hosts() == set()
