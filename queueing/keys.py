@@ -62,3 +62,8 @@ class Keys:
     @property
     def known_models(self) -> str:
         return f"{self.prefix}:models"
+
+    # browser UI (arena): one stream of votes, each entry with its conversations
+    @property
+    def ui_votes(self) -> str:
+        return f"{self.prefix}:ui:votes"
