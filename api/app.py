@@ -13,8 +13,9 @@ from tokenrelay.queueing.relay import ChunkRelay
 
 from . import errors
 from .draining import Drain
+from .metrics import Metrics
 from .ratelimit import BodySizeLimit, RateLimiter
-from .routes import completions, health, models, status
+from .routes import completions, health, metrics, models, status
 from .service import GenerationService
 from .settings import APISettings
 
@@ -25,7 +26,7 @@ def create_app(settings: APISettings) -> FastAPI:
         redis = connect(settings.redis)
         relay = ChunkRelay(redis, settings.redis.keys)
         await relay.start()
-        app.state.service = GenerationService(redis, relay, settings)
+        app.state.service = GenerationService(redis, relay, settings, app.state.metrics)
         app.state.limiter = RateLimiter(
             redis, settings.redis.keys, settings.rate_limit_rpm, settings.rate_limit_tpm
         )
@@ -39,9 +40,10 @@ def create_app(settings: APISettings) -> FastAPI:
         title="tokenrelay", version=__version__, lifespan=lifespan, root_path=settings.root_path
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
     app.state.drain = Drain(settings.shutdown_grace)
     errors.install(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    for module in (models, completions, status, health):
+    for module in (models, completions, status, health, metrics):
         app.include_router(module.router)
     return app

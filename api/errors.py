@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
+    counted = False  # already in tokenrelay:request_errors_total (a worker's error chunk)
+
     def __init__(
         self,
         status: int,
@@ -68,17 +70,17 @@ def overloaded(message: str, retry_after: float = 2.0, status: int = 429) -> API
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _counted(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _from_validation(exc).response()
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _counted(request, _from_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        return _counted(request, APIError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -88,6 +90,16 @@ def install(app: FastAPI) -> None:
             f"Internal error: {type(exc).__name__}. See the API server log.",
             type="server_error",
         ).response()
+
+
+def _counted(request: Request, exc: APIError) -> JSONResponse:
+    """The error's response, counted in tokenrelay:request_errors_total by its code (a
+    worker's error was counted when its chunk arrived)."""
+    if not exc.counted:
+        from .metrics import count_error
+
+        count_error(request, exc.code or exc.type)
+    return exc.response()
 
 
 def _from_validation(exc: RequestValidationError) -> APIError:

@@ -18,6 +18,7 @@ from tokenrelay.queueing.relay import ChunkRelay, Subscription
 from tokenrelay.queueing.status import Status, snapshot
 
 from .errors import APIError, model_not_found, overloaded
+from .metrics import Metrics, RequestTimer
 from .settings import APISettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def redis_down(exc: Exception) -> APIError:
 
 def error_from(info: ErrorInfo) -> APIError:
     retry = 2.0 if info.status in (429, 503) else None
-    return APIError(info.status, info.message, type=info.type, code=info.code, retry_after=retry)
+    exc = APIError(info.status, info.message, type=info.type, code=info.code, retry_after=retry)
+    exc.counted = True  # by the request's timer, when the chunk arrived
+    return exc
 
 
 @dataclass
@@ -44,19 +47,28 @@ class Run:
 
     job: Job
     sub: Subscription
+    timer: RequestTimer
     finished: bool = False
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         async for chunk in self.sub.chunks(self.job.deadline):
             self.finished = chunk.done
+            self.timer.chunk(chunk)
             yield chunk
 
 
 class GenerationService:
-    def __init__(self, redis: aioredis.Redis, relay: ChunkRelay, settings: APISettings) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        relay: ChunkRelay,
+        settings: APISettings,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.redis = redis
         self.relay = relay
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.queue = JobQueue(redis, settings.redis.keys)
         self.registry = Registry(redis, settings.redis.keys)
 
@@ -112,6 +124,7 @@ class GenerationService:
     @contextlib.asynccontextmanager
     async def generate(self, job: Job) -> AsyncIterator[Run]:
         """Subscribe (confirmed), enqueue, and cancel the job if we leave before its end."""
+        timer = self.metrics.start(job.model)
         try:
             async with self.relay.subscribe(job.model, job.id) as sub:
                 result = await self.queue.enqueue(job, max_depth=self.settings.max_queue)
@@ -120,7 +133,7 @@ class GenerationService:
                         f"The queue for '{job.model}' is full ({result.detail} "
                         "requests waiting or running). Retry shortly."
                     )
-                run = Run(job, sub)
+                run = Run(job, sub, timer)
                 try:
                     yield run
                 finally:

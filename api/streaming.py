@@ -24,6 +24,7 @@ from tokenrelay.queueing.messages import Chunk, Job
 
 from .draining import Drain, shutting_down, until_drained
 from .errors import APIError
+from .metrics import count_error
 from .openai_format import Collector, Formatter
 from .service import GenerationService, error_from
 
@@ -59,6 +60,7 @@ async def _unless_disconnected(
                 await task
             if not gone:
                 raise shutting_down()
+            count_error(request, "client_disconnected")
             return Response(status_code=499)
 
 
