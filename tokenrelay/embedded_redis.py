@@ -80,6 +80,13 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not answer on port {self.port}")
 
+    def kill(self) -> None:
+        """SIGKILL the server but keep its directory (and AOF): ``start()`` brings it back
+        on the same port with what the AOF had."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()

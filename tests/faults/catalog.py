@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from .scenarios_load import disconnect_storm, first_chunk_race, kill_workers, overload
+from .scenarios_workers import long_generation, poison_job, rolling_restart
 
 SCENARIOS = {
     "kill": (kill_workers, {"small": 60, "full": 2000}),
     "disconnect": (disconnect_storm, {"small": 80, "full": 2000}),
     "race": (first_chunk_race, {"small": 300, "full": 10000}),
     "overload": (overload, {"small": 200, "full": 2000}),
+    "poison": (poison_job, {"small": 40, "full": 1000}),
+    "long": (long_generation, {"small": 6, "full": 40}),
+    "rolling": (rolling_restart, {"small": 120, "full": 600}),
 }

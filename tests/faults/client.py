@@ -6,16 +6,17 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 
 import httpx
 import redis.asyncio as aioredis
 
 from ..stack import Stack
-from .ledger import MODEL, Outcome, Summary
+from .ledger import MODEL, Outcome, Summary, check_logs, check_redis, settle
 
 
-def body(index: int, max_tokens: int, stream: bool) -> dict:
-    prompt = f"req-{index}"
+def body(index: int, max_tokens: int, stream: bool, marker: str = "") -> dict:
+    prompt = f"req-{index}{marker}"
     if stream:
         return {
             "model": MODEL,
@@ -75,7 +76,7 @@ async def request(
     out.started = time.monotonic()
     try:
         req = client.build_request(
-            "POST", _path(out.stream), json=body(out.index, out.max_tokens, out.stream)
+            "POST", _path(out.stream), json=body(out.index, out.max_tokens, out.stream, out.marker)
         )
         sending = asyncio.ensure_future(client.send(req, stream=True))
         if give_up_after is not None:
@@ -143,3 +144,20 @@ async def bounded(tasks: list, concurrency: int) -> None:
             await coro
 
     await asyncio.gather(*(run(c) for c in tasks))
+
+
+async def finish(stack: Stack, outcomes: list[Outcome], s: Summary, started: float) -> Summary:
+    """Balance the books: the clients' view, then Redis (drained, TTLs, chunk logs)."""
+    settle(outcomes, s)
+    # "200 worker_lost": an error event inside a stream; "503 ...": an error answer
+    codes = Counter(f"{o.status} {o.error.get('code')}" for o in outcomes if o.error)
+    if codes:
+        s.notes["errors"] = dict(codes)
+    r = redis_client(stack)
+    try:
+        await check_redis(r, stack.prefix, s)
+        await check_logs(r, stack.prefix, outcomes, s)
+    finally:
+        await r.aclose()
+    s.elapsed_s = time.monotonic() - started
+    return s

@@ -53,6 +53,7 @@ class Outcome:
     retry_after: str | None = None
     exception: str = ""
     cancelled: bool = False  # the client hung up on purpose
+    marker: str = ""  # appended to the prompt (e.g. POISON)
     started: float = 0.0
     finished: float = 0.0
 
@@ -80,6 +81,10 @@ class Summary:
     queued_cancels: int = 0
     started_after_cancel: int = 0
     pending: int = 0
+    redelivered: int = 0  # requests whose chunk log shows a second attempt (a re-run)
+    dead_lettered: int = 0
+    max_latency_s: float = 0.0  # the slowest request, first byte sent to its last
+    notes: dict = field(default_factory=dict)  # scenario-specific figures
     xlen: int = 0
     leaked_keys: int = 0
     elapsed_s: float = 0.0
@@ -102,6 +107,8 @@ class Summary:
             f"p99_429={f(self.p99_reject_latency_s)} queued_cancels={self.queued_cancels} "
             f"started_after_cancel={self.started_after_cancel} "
             f"queued_then_started={self.queued_then_started} leaked_keys={self.leaked_keys} "
+            f"redelivered={self.redelivered} dead_lettered={self.dead_lettered} "
+            f"max_latency={self.max_latency_s:.1f}s {self.notes or ''} "
             f"elapsed={self.elapsed_s:.1f}s violations={len(self.violations)}"
         )
 
@@ -192,3 +199,24 @@ async def check_redis(r: aioredis.Redis, prefix: str, s: Summary, timeout: float
     s.leaked_keys = len(leaked)
     if leaked:
         s.violations.append(f"{len(leaked)} per-request keys without TTL, e.g. {leaked[:3]}")
+
+
+async def check_logs(r: aioredis.Redis, prefix: str, outcomes: list[Outcome], s: Summary) -> None:
+    """From each request's chunk log: a chunk number sent twice within one attempt means the
+    job ran twice at once (enqueued twice, or claimed by two workers); a later attempt is a
+    re-run, counted in ``redelivered``."""
+    keys = Keys(prefix)
+    for o in outcomes:
+        if not o.id:
+            continue
+        seen: set[tuple[int, int]] = set()
+        attempts = {1}
+        for _, fields in await r.xrange(keys.chunk_log(MODEL, o.id)):
+            chunk = json.loads(fields["c"])
+            key = (chunk["attempt"], chunk["seq"])
+            if key in seen:
+                s.violations.append(f"{o.id}: chunk {key} logged twice: the job ran twice")
+            seen.add(key)
+            attempts.add(chunk["attempt"])
+        s.redelivered += max(attempts) > 1
+    s.max_latency_s = max((o.latency for o in outcomes), default=0.0)
