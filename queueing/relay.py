@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .keys import Keys
@@ -127,7 +128,13 @@ class ChunkRelay:
         sub = Subscription(self, model, request_id)
         self._subs[sub.channel] = sub
         try:
-            await self._pubsub.subscribe(sub.channel)
+            try:
+                await self._pubsub.subscribe(sub.channel)
+            except (RuntimeError, AttributeError) as exc:
+                # The shared pub/sub connection was dropped (CLIENT KILL, a failover) and
+                # this call raced the pump's reconnect on it: redis-py raises these, not a
+                # ConnectionError. The caller answers 503, as for any lost connection.
+                raise RedisConnectionError(f"pub/sub connection reset: {exc}") from exc
             self._active.set()
             await asyncio.wait_for(sub.confirmed.wait(), timeout)
             yield sub

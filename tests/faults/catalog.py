@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .scenarios_load import disconnect_storm, first_chunk_race, kill_workers, overload
+from .scenarios_redis import redis_blips, redis_restart
 from .scenarios_workers import long_generation, poison_job, rolling_restart
 
 SCENARIOS = {
@@ -10,6 +11,8 @@ SCENARIOS = {
     "disconnect": (disconnect_storm, {"small": 80, "full": 2000}),
     "race": (first_chunk_race, {"small": 300, "full": 10000}),
     "overload": (overload, {"small": 200, "full": 2000}),
+    "redis_restart": (redis_restart, {"small": 100, "full": 400}),
+    "blips": (redis_blips, {"small": 60, "full": 600}),
     "poison": (poison_job, {"small": 40, "full": 1000}),
     "long": (long_generation, {"small": 6, "full": 40}),
     "rolling": (rolling_restart, {"small": 120, "full": 600}),
