@@ -91,9 +91,7 @@ class ApiClient:
         self.timeout = httpx.Timeout(timeout, connect=5.0)
 
     def _client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=self.timeout
-        )
+        return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout)
 
     async def get(self, path: str) -> Any:
         try:
@@ -120,9 +118,10 @@ class ApiClient:
             **params,
         }
         try:
-            async with self._client() as client, client.stream(
-                "POST", "/chat/completions", json=body
-            ) as response:
+            async with (
+                self._client() as client,
+                client.stream("POST", "/chat/completions", json=body) as response,
+            ):
                 if response.status_code >= 400:
                     raise _error(response.status_code, await response.aread())
                 async for line in response.aiter_lines():

@@ -12,7 +12,8 @@ import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
-from . import chat
+from . import arena_tab, chat, status
+from .arena import VoteStore
 from .client import ApiClient
 
 CSS = """
@@ -39,11 +40,18 @@ class UISettings:
 
 def build_blocks(settings: UISettings) -> gr.Blocks:
     api = ApiClient(settings.api_url, settings.api_key)
+    store = VoteStore(settings.redis_url, settings.key_prefix)
     with gr.Blocks(title="tokenrelay", analytics_enabled=False) as demo:
         gr.Markdown(f"## tokenrelay &nbsp; <sub>{settings.api_url}</sub>")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat.build(api, demo)
+            with gr.Tab("Arena", id="arena", elem_id="tab-arena"):
+                arena_tab.build_arena(api, store, demo)
+            with gr.Tab("Leaderboard", id="leaderboard", elem_id="tab-leaderboard") as board:
+                arena_tab.build_leaderboard(store, board)
+            with gr.Tab("Status", id="status", elem_id="tab-status"):
+                status.build(api)
     demo.queue(default_concurrency_limit=64)
     return demo
 

@@ -1,0 +1,97 @@
+"""Arena, leaderboard and status tabs in a real browser, votes checked in Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from playwright.sync_api import expect
+
+from .conftest import Page, start_ui
+
+
+def open_tab(page: Page, url: str, name: str) -> None:
+    page.page.goto(url)
+    page.page.get_by_role("tab", name=name).click()
+
+
+def two_fake_models(stack) -> None:  # type: ignore[no-untyped-def]
+    stack.api()
+    stack.fake_worker()
+    stack.worker("--engine", "fake", "--model-names", "fake-b")
+
+
+def test_battle_vote_lands_in_redis(stack, page: Page, sync_redis, tmp_path) -> None:
+    two_fake_models(stack)
+    url = start_ui(stack)
+    open_tab(page, url, "Arena")
+    box = page.page.locator("#arena-input textarea")
+    box.fill("which of you is better?")
+    box.press("Enter")
+    vote_a = page.page.locator("#arena-vote-a")
+    page.page.wait_for_function(
+        "() => !document.querySelector('#arena-vote-a').disabled", timeout=30_000
+    )
+    for side in "ab":  # both answers streamed, names still hidden
+        log = page.page.locator(f"#arena-log-{side}")
+        log.get_by_text("tokens/s").wait_for()
+        assert "fake" not in page.page.locator(f"#arena-log-{side} label").first.inner_text()
+    page.shot("arena-answered")
+    vote_a.click()
+    reveal = page.page.locator("#arena-reveal")
+    reveal.get_by_text("Your vote").wait_for()
+    page.shot("arena-voted")
+
+    entries = sync_redis.xrange(f"{stack.prefix}:ui:votes")
+    assert len(entries) == 1
+    vote = json.loads(entries[0][1]["vote"])
+    assert vote["winner"] == "model_a" and vote["mode"] == "battle"
+    assert {vote["model_a"], vote["model_b"]} == {"fake", "fake-b"}
+    assert vote["conversation_a"][0] == {"role": "user", "content": "which of you is better?"}
+    assert vote["conversation_a"][1]["role"] == "assistant"
+    assert vote["model_a"] in reveal.inner_text() and vote["model_b"] in reveal.inner_text()
+
+    # the leaderboard ranks the winner first
+    page.page.get_by_role("tab", name="Leaderboard").click()
+    board = page.page.locator("#leaderboard")
+    expect(board.get_by_test_id("cell-0-1")).to_have_text(vote["model_a"])
+    expect(board.get_by_test_id("cell-1-1")).to_have_text(vote["model_b"])
+    page.shot("leaderboard")
+
+    # and the votes export as JSONL
+    out = tmp_path / "votes.jsonl"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenrelay",
+            "ui",
+            "--redis-url",
+            stack.redis_url,
+            "--key-prefix",
+            stack.prefix,
+            "--export-votes",
+            str(out),
+        ],
+        check=True,
+        timeout=60,
+    )
+    lines = out.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [vote["id"]]
+    assert page.outside_hosts() == set()
+
+
+def test_status_tab_shows_workers_and_refreshes(stack, page: Page) -> None:
+    stack.api()
+    stack.fake_worker()
+    url = start_ui(stack)
+    open_tab(page, url, "Status")
+    workers = page.page.locator("#status-workers")
+    expect(workers.get_by_test_id("cell-0-1")).to_have_text("fake")
+    expect(workers.get_by_test_id("cell-0-5")).to_have_text("0 / 8")
+    stack.worker("--engine", "fake", "--model-names", "fake-b")
+    # no click: the tab refreshes itself
+    models = page.page.locator("#status-models")
+    expect(models.get_by_test_id("cell-1-0")).to_have_text("fake-b", timeout=20_000)
+    page.shot("status")
