@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .scenarios_clients import hangup_churn, slow_reader
 from .scenarios_load import disconnect_storm, first_chunk_race, kill_workers, overload
 from .scenarios_redis import redis_blips, redis_restart
 from .scenarios_workers import long_generation, poison_job, rolling_restart
@@ -11,6 +12,8 @@ SCENARIOS = {
     "disconnect": (disconnect_storm, {"small": 80, "full": 2000}),
     "race": (first_chunk_race, {"small": 300, "full": 10000}),
     "overload": (overload, {"small": 200, "full": 2000}),
+    "slow_reader": (slow_reader, {"small": 40, "full": 400}),
+    "hangup_churn": (hangup_churn, {"small": 300, "full": 3000}),
     "redis_restart": (redis_restart, {"small": 100, "full": 400}),
     "blips": (redis_blips, {"small": 60, "full": 600}),
     "poison": (poison_job, {"small": 40, "full": 1000}),
