@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
-from .embedded_redis import EmbeddedRedis
+from .embedded_redis import EmbeddedRedis, free_port
 
 DEMO_QUESTION = "What is the capital of France?"
 
@@ -33,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--api-keys", help="comma-separated client keys (default: open)")
+    parser.add_argument(
+        "--ui-port",
+        type=int,
+        default=7860,
+        help="port of the browser UI (a free one if this is taken)",
+    )
+    parser.add_argument("--no-ui", action="store_true", help="do not start the browser UI")
     parser.add_argument(
         "--ready-timeout",
         type=float,
@@ -91,8 +100,11 @@ def run(args: argparse.Namespace) -> None:
             )
         )
         url = f"http://{_display_host(args.host)}:{args.port}"
+        ui_url = None if args.no_ui else _start_ui(args, url, redis_url, procs)
         wait_ready(url, procs, args.ready_timeout)
-        _banner(url, names.split(",")[0], args.api_keys)
+        if ui_url:
+            wait_ready(ui_url, procs, 120, path="/")
+        _banner(url, names.split(",")[0], args.api_keys, ui_url)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         print("A tokenrelay process exited; stopping the rest.", file=sys.stderr)
@@ -126,11 +138,39 @@ def _spawn(command: str, *argv: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "tokenrelay", command, *argv])
 
 
+def _start_ui(
+    args: argparse.Namespace, url: str, redis_url: str, procs: list[subprocess.Popen[bytes]]
+) -> str:
+    """Start `tokenrelay ui` on --ui-port (or a free port); return its URL."""
+    port = args.ui_port if _port_free(args.host, args.ui_port) else free_port()
+    key = args.api_keys.split(",")[0] if args.api_keys else "EMPTY"
+    argv = ["ui", "--api-url", f"{url}/v1", "--host", args.host, "--port", str(port)]
+    # The key travels in the environment, not on a command line every user can read.
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "tokenrelay", *argv, "--redis-url", redis_url], env=env
+        )
+    )
+    return f"http://{_display_host(args.host)}:{port}"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
-def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+def wait_ready(
+    url: str, procs: list[subprocess.Popen[bytes]], timeout: float, path: str = "/ready"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
@@ -138,7 +178,7 @@ def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -
                 "tokenrelay: a process exited during start-up; see the log above for why."
             )
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -146,9 +186,10 @@ def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -
     raise SystemExit(f"tokenrelay: not ready after {timeout:.0f}s")
 
 
-def _banner(url: str, model: str, keys: str | None) -> None:
+def _banner(url: str, model: str, keys: str | None, ui_url: str | None = None) -> None:
     auth = f' -H "Authorization: Bearer {keys.split(",")[0]}"' if keys else ""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": DEMO_QUESTION}]})
+    ui_line = f"\n  Browser UI (chat, arena, status): {ui_url}/\n" if ui_url else ""
     print(
         f"""
 tokenrelay is ready at {url}/v1  (model: {model})
@@ -157,7 +198,7 @@ tokenrelay is ready at {url}/v1  (model: {model})
     -d '{body}'
 
   tokenrelay chat --api-url {url}/v1 --model {model}
-
+{ui_line}
 Press Ctrl-C to stop.
 """,
         flush=True,

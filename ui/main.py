@@ -8,16 +8,14 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-url", default="http://127.0.0.1:8000/v1", help="the API's base URL")
+    parser.add_argument("--api-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument(
-        "--api-key",
-        default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-        help="key the UI sends to the API (default: $OPENAI_API_KEY, else EMPTY)",
+        "--api-key", help="key the UI sends to the API (default: $OPENAI_API_KEY, else EMPTY)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     parser.add_argument(
-        "--redis-url", help="Redis for the arena's votes (default: kept in memory, lost on exit)"
+        "--redis-url", help="Redis for the arena's votes (without it: kept in memory, lost on exit)"
     )
     parser.add_argument("--root-path", default="", help="path prefix the UI is served under")
     parser.add_argument(
@@ -33,7 +31,7 @@ def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return UISettings(
         api_url=args.api_url,
-        api_key=args.api_key,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY", "EMPTY"),
         redis_url=args.redis_url,
         key_prefix=args.key_prefix,
         host=args.host,
@@ -54,7 +52,13 @@ def run(args: argparse.Namespace) -> None:
     app = create_app(settings)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"tokenrelay UI at http://{host}:{settings.port}{settings.path}/", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=3,  # open browser tabs hold streams; do not wait on them
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
