@@ -15,6 +15,7 @@ from . import errors
 from .draining import Drain
 from .metrics import Metrics
 from .ratelimit import BodySizeLimit, RateLimiter
+from .requestid import RequestIdMiddleware
 from .routes import completions, health, metrics, models, status
 from .service import GenerationService
 from .settings import APISettings
@@ -44,6 +45,7 @@ def create_app(settings: APISettings) -> FastAPI:
     app.state.drain = Drain(settings.shutdown_grace)
     errors.install(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets the header
     for module in (models, completions, status, health, metrics):
         app.include_router(module.router)
     return app

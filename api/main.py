@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from tokenrelay.queueing.connection import RedisSettings
@@ -25,8 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--api-keys-file",
-        help="file of API keys, one per line, '#' starts a comment (also "
-        "TOKENRELAY_API_KEYS_FILE); adds to --api-keys / TOKENRELAY_API_KEYS",
+        help="file of API keys, one per line, '#' starts a comment; adds to --api-keys",
     )
     parser.add_argument(
         "--rate-limit-rpm",
@@ -91,9 +89,11 @@ def read_keys_file(path: str) -> list[str]:
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
-    raw = getattr(args, "api_keys", None) or os.environ.get("TOKENRELAY_API_KEYS", "")
+    """--api-keys and the keys in --api-keys-file (each also from its TOKENRELAY_ variable,
+    like every flag: see tokenrelay/envflags.py)."""
+    raw = getattr(args, "api_keys", None) or ""
     keys = [k.strip() for k in raw.split(",") if k.strip()]
-    path = getattr(args, "api_keys_file", None) or os.environ.get("TOKENRELAY_API_KEYS_FILE")
+    path = getattr(args, "api_keys_file", None)
     if path:
         keys += read_keys_file(path)
     return list(dict.fromkeys(keys))
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> None:
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's records go to the root handler: --log-format applies
         # Past the streams' own grace, which ends them with a terminal event first.
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 3,
     )

@@ -97,10 +97,19 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
         )
 
-    def _job(self, prefix: str, timeout: float, max_tokens: int | None, **kw: object) -> Job:
+    def _job(
+        self,
+        prefix: str,
+        timeout: float,
+        max_tokens: int | None,
+        request_id: str = "",
+        **kw: object,
+    ) -> Job:
         now = time.time()
+        job_id = f"{prefix}-{uuid.uuid4().hex}"
         return Job(
-            id=f"{prefix}-{uuid.uuid4().hex}",
+            id=job_id,
+            request_id=request_id or job_id,
             model=self.model,
             params=self.sampling(max_tokens),
             stream=self.stream,
@@ -124,12 +133,13 @@ class ChatCompletionRequest(_Common):
             raise not_supported(f"{info.field_name}={str(v).lower()} (log probabilities)")
         return v
 
-    def to_job(self, timeout: float) -> Job:
+    def to_job(self, timeout: float, request_id: str = "") -> Job:
         messages = [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
         return self._job(
             "chatcmpl",
             timeout,
             self.max_completion_tokens or self.max_tokens,
+            request_id,
             kind="chat",
             messages=messages,
         )
@@ -155,9 +165,11 @@ class CompletionRequest(_Common):
             raise not_supported(f"logprobs={str(v).lower()} (log probabilities)")
         return v
 
-    def to_job(self, timeout: float) -> Job:
+    def to_job(self, timeout: float, request_id: str = "") -> Job:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return self._job("cmpl", timeout, self.max_tokens, kind="completion", prompt=prompt)
+        return self._job(
+            "cmpl", timeout, self.max_tokens, request_id, kind="completion", prompt=prompt
+        )
 
     @property
     def requested_max_tokens(self) -> int | None:

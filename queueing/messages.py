@@ -50,6 +50,7 @@ class Job(Message):
     stream: bool
     created: int
     deadline: float  # unix seconds; a worker drops the job after this
+    request_id: str = ""  # for logs: the client's X-Request-ID, else ``id``
 
 
 class ChoiceDelta(BaseModel):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
+import os
 
 from . import __version__
+from .envflags import EnvArgumentParser, HelpFormatter
 
 COMMANDS = {
     "serve": ("tokenrelay.serve", "Redis + worker + API in one command (the quick start)"),
@@ -27,15 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
         "the API and any number of model workers.",
     )
     parser.add_argument("--version", action="version", version=f"tokenrelay {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every flag also from TOKENRELAY_<FLAG> (the command line wins): see envflags.py.
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=EnvArgumentParser
+    )
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         importlib.import_module(module).add_arguments(p)
+        p.add_argument(
+            "--log-format",
+            default="text",
+            choices=["text", "json"],
+            help="text lines, or JSON lines (with request_id where known)",
+        )
         p.set_defaults(module=module)
     return parser
 
@@ -43,14 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     import importlib
 
+    from .logs import setup
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s {args.command} %(name)s: %(message)s",
-    )
-    # httpx logs every request at INFO ("HTTP Request: ..."): noise in the middle of a chat
-    # and in serve's start-up; keep its warnings only. The openai SDK uses httpx2.
-    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    setup(args.command, args.log_format)
+    os.environ["TOKENRELAY_LOG_FORMAT"] = args.log_format  # for the processes serve starts
     importlib.import_module(args.module).run(args)

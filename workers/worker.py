@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenrelay import __version__
+from tokenrelay.logs import bind_request_id
 from tokenrelay.queueing.chunks import ChunkOutbox, ChunkPublisher
 from tokenrelay.queueing.consumer import Delivery, JobConsumer
 from tokenrelay.queueing.keys import Keys
@@ -201,6 +202,7 @@ class Worker:
             await self.consumer.dead_letter(delivery, f"malformed job: {exc}")
             return
         self.jobs[delivery.entry_id] = job
+        bind_request_id(job.request_id or job.id)  # this job's task: its log records
         publisher = ChunkPublisher(
             self.redis,
             self.keys,
@@ -277,6 +279,7 @@ class Worker:
         texts = [""] * n
         finish: list[str | None] = [None] * n
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        started = time.monotonic()
         handle = self.engine.submit(job)
         counted = 0  # this job's tokens already in self.throughput
         try:
@@ -326,6 +329,13 @@ class Worker:
             ChoiceDelta(index=i, text=t, finish_reason=finish[i]) for i, t in enumerate(texts)
         ]
         await publisher.send(usage=usage, result=Result(id=job.id, choices=choices, usage=usage))
+        log.info(
+            "job %s done: %d prompt + %d completion tokens in %.2fs",
+            job.id,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            time.monotonic() - started,
+        )
 
     async def _engine_failed(
         self, delivery: Delivery, publisher: ChunkPublisher, exc: Exception
