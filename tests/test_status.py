@@ -3,6 +3,10 @@ processes."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -84,3 +88,53 @@ def test_status_counts_dead_letters(stack: Stack, sync_redis) -> None:  # type: 
     sync_redis.xadd(f"{stack.prefix}:{{m:fake}}:dead", {"job": "{}", "reason": "test"})
     (model,) = _status(stack).json()["models"]
     assert model["dead_letters"] == 1
+
+
+# `tokenrelay status`
+
+
+def _cli(stack: Stack, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "status", "--redis-url", stack.redis_url,
+         "--key-prefix", stack.prefix, *argv],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_status_command_prints_tables(stack: Stack, sync_redis) -> None:  # type: ignore[no-untyped-def]
+    stack.fake_worker("--limit-worker-concurrency", "5")
+    sync_redis.xadd(f"{stack.prefix}:{{m:fake}}:dead", {"job": "{}", "reason": "test"})
+    out = _cli(stack)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["MODEL", "WORKERS", "QUEUED", "RUNNING", "OLDEST", "TOKENS/S",
+                                "DEAD"]  # fmt: skip
+    assert lines[1].split() == ["fake", "1", "0", "0", "0.0s", "0.0", "1"]
+    worker = next(ln for ln in lines if ln.startswith("w-")).split()
+    assert worker[1:5] == ["fake", "cpu", "fake", "0/5"]
+    assert "1 workers, 0 queued, 0 running" in out.stdout
+
+    as_json = json.loads(_cli(stack, "--json").stdout)
+    assert as_json["models"][0]["dead_letters"] == 1 and len(as_json["workers"]) == 1
+
+
+def test_status_command_watch_redraws(stack: Stack) -> None:
+    stack.fake_worker()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "status", "--redis-url", stack.redis_url,
+         "--key-prefix", stack.prefix, "--watch", "0.3"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert out.count("\x1b[H\x1b[2J") >= 2 and out.count("MODEL") >= 2
+
+
+def test_status_command_without_redis_says_so() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "status", "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0 and "cannot read Redis at redis://127.0.0.1:1/0" in out.stderr

@@ -1,0 +1,109 @@
+"""`tokenrelay status`: models, queues and workers in a table, like `rq info`.
+
+It reads Redis directly (the same snapshot as the API's ``GET /v1/status``), so it works
+with no API running and needs no API key: only the Redis URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from tokenrelay.queueing.connection import RedisSettings, connect
+from tokenrelay.queueing.status import Status, snapshot
+
+CLEAR = "\x1b[H\x1b[2J"
+MODEL_HEADER = ["MODEL", "WORKERS", "QUEUED", "RUNNING", "OLDEST", "TOKENS/S", "DEAD"]
+WORKER_HEADER = (
+    "WORKER MODELS DEVICE ENGINE IN-FLIGHT TOKENS/S HEARTBEAT HOST:PID UP VERSION".split()
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (2 if given without a number) until Ctrl-C",
+    )
+    parser.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+
+
+def run(args: argparse.Namespace) -> None:
+    settings = RedisSettings(url=args.redis_url, prefix=args.key_prefix, max_connections=4)
+    try:
+        asyncio.run(_show(settings, args.watch, args.json))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _show(settings: RedisSettings, watch: float | None, as_json: bool) -> None:
+    redis = connect(settings)
+    try:
+        while True:
+            try:
+                status = await snapshot(redis, settings.keys)
+            except Exception as exc:
+                message = f"tokenrelay status: cannot read Redis at {settings.url}: {exc}"
+                raise SystemExit(message) from exc
+            text = status.model_dump_json(indent=2) if as_json else render(status)
+            if watch is None:
+                print(text)
+                return
+            print(CLEAR + time.strftime("%H:%M:%S ") + settings.url + "\n\n" + text, flush=True)
+            await asyncio.sleep(max(0.2, watch))
+    finally:
+        await redis.aclose()
+
+
+def render(status: Status, now: float | None = None) -> str:
+    """Two tables: one row per model, one per live worker."""
+    now = time.time() if now is None else now
+    models = [
+        [m.name, m.workers, m.queued, m.running, f"{m.oldest_queued_s:.1f}s",
+         f"{m.tokens_per_s:.1f}", m.dead_letters]
+        for m in status.models
+    ]  # fmt: skip
+    workers = [
+        [w.id, ",".join(w.models), w.device, w.engine, f"{w.inflight}/{w.capacity}",
+         f"{w.tokens_per_s:.1f}", f"{now - w.last_heartbeat:.1f}s ago", f"{w.host}:{w.pid}",
+         _duration(now - w.started_at), w.version]
+        for w in status.workers
+    ]  # fmt: skip
+    parts = [
+        _table(MODEL_HEADER, models),
+        _table(WORKER_HEADER, workers),
+        f"{len(status.workers)} workers, {sum(m.queued for m in status.models)} queued, "
+        f"{sum(m.running for m in status.models)} running",
+    ]
+    return "\n\n".join(parts)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    if not rows:
+        return f"{header[0]}: none"
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for row in cells:
+        first = row[0].ljust(widths[0])
+        pairs = zip(row[1:], widths[1:], strict=True)
+        rest = [c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in pairs]
+        lines.append("  ".join([first, *rest]).rstrip())
+    return "\n".join(lines)
+
+
+def _numeric(cell: str) -> bool:
+    return cell.replace(".", "", 1).rstrip("s").isdigit()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
