@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 
 from .stack import Stack
 
-
 CALLS: dict[str, int] = {}
 
 
