@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fault scenarios at full size (kill 2000, disconnect 2000, race 10000, overload 2000):
+# Fault scenarios at full size (sizes in tests/faults/catalog.py; see RELIABILITY.md):
 # prints one summary line per scenario and a markdown table; JSON in test-artifacts/faults/.
-# Usage: bench/faults.sh [--small] [kill|disconnect|race|overload ...]
+# Usage: bench/faults.sh [--small] [scenario ...]   (names: tests/faults/catalog.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
