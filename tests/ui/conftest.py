@@ -85,8 +85,19 @@ class Page:
         return {h for h in self.hosts if h not in ("127.0.0.1", "localhost")}
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    report = yield
+    if report.when == "call":
+        item.failed_call = report.failed
+    return report
+
+
 @pytest.fixture
-def page(browser) -> Iterator[Page]:  # type: ignore[no-untyped-def]
+def page(browser, request) -> Iterator[Page]:  # type: ignore[no-untyped-def]
     context = browser.new_context(viewport={"width": 1280, "height": 900})
-    yield Page(context.new_page())
+    page = Page(context.new_page())
+    yield page
+    if getattr(request.node, "failed_call", False):
+        page.shot(f"FAILED-{request.node.name}")
     context.close()

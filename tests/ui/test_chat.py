@@ -6,16 +6,22 @@ import json
 import signal
 import time
 
+import httpx
 import pytest
 import redis
+from playwright.sync_api import expect
 
 from ..conftest import DEMO_MODEL
 from .conftest import Page, start_ui
 
 
-def open_chat(page: Page, url: str) -> None:
+def open_chat(page: Page, url: str, model: str | None = "fake") -> None:
+    """Open the page and wait until the model list is loaded (asking before it is filled
+    gets "No model picked")."""
     page.page.goto(url)
     page.page.locator("#chat-input textarea").wait_for()
+    if model:
+        expect(page.page.locator("#chat-model input")).to_have_value(model)
 
 
 def pick_model(page: Page, name: str) -> None:
@@ -39,7 +45,7 @@ def wait_text(page: Page, needle: str, timeout: float = 60) -> None:
 
 def test_real_model_answers_paris(model_stack, page: Page) -> None:
     url = start_ui(model_stack)
-    open_chat(page, url)
+    open_chat(page, url, DEMO_MODEL)
     pick_model(page, DEMO_MODEL)
     ask(page, "What is the capital of France?")
     wait_text(page, "Paris", timeout=120)
@@ -83,7 +89,7 @@ def test_stop_cancels_the_job_on_the_worker(stack, page: Page, sync_redis) -> No
 def test_bad_key_is_a_readable_message(stack, page: Page) -> None:
     stack.api("--api-keys", "right-key")
     stack.fake_worker()
-    open_chat(page, start_ui(stack, api_key="wrong-key"))
+    open_chat(page, start_ui(stack, api_key="wrong-key"), model=None)
     notice = page.page.locator("#chat-notice")
     notice.get_by_text("The API key was refused").wait_for()
     assert "401" in notice.inner_text()
@@ -110,6 +116,8 @@ def test_works_under_a_root_path(stack, page: Page, root_path: str) -> None:
     stack.fake_worker()
     url = start_ui(stack, root_path=root_path)
     assert url.endswith("/chat/")
+    root = httpx.get(url.removesuffix("chat/"), follow_redirects=True, timeout=10)
+    assert root.status_code == 200 and str(root.url) == url
     open_chat(page, url)
     ask(page, "hello")
     wait_text(page, "tokens/s")
