@@ -25,6 +25,16 @@ TITLES = {
     500: "The model failed on this request",
     503: "No model is ready",
 }
+# Where the code says more than the status does.
+CODE_TITLES = {
+    "rate_limit_exceeded": "This key's rate limit is used up",
+    "queue_unavailable": "The API cannot reach Redis",
+    "queue_timeout": "The request waited too long in the queue",
+    "deadline_exceeded": "The request ran out of time",
+    "worker_lost": "The worker stopped in the middle of the answer",
+    "context_length_exceeded": "The conversation is too long for this model",
+    "dead_lettered": "The request failed on every try",
+}
 HINTS = {
     401: "Start the UI with the right --api-key.",
     404: "Press the refresh button next to the model list.",
@@ -44,7 +54,9 @@ class ApiError(Exception):
         """A one-paragraph Markdown message: what happened, the API's words, what to do."""
         if self.status == 0:
             return f"**Cannot reach the API.** {self.message}"
-        title = TITLES.get(self.status, "The API answered with an error")
+        title = CODE_TITLES.get(self.code or "") or TITLES.get(
+            self.status, "The API answered with an error"
+        )
         code = f" `{self.code}`" if self.code else ""
         hint = HINTS.get(self.status, "")
         return f"**{title}** (HTTP {self.status}{code}): {self.message} {hint}".strip()
@@ -147,6 +159,7 @@ def _pieces(line: str, usage: Usage) -> list[str]:
     event = json.loads(data)
     if "error" in event:
         err = event["error"]
+        # the stream already had its 200; the code tells what went wrong
         raise ApiError(500, err.get("message") or "", err.get("code"))
     if event.get("usage"):
         usage.prompt_tokens = event["usage"]["prompt_tokens"]

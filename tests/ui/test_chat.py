@@ -123,3 +123,17 @@ def test_works_under_a_root_path(stack, page: Page, root_path: str) -> None:
     wait_text(page, "tokens/s")
     assert "t3." in chat_text(page)
     assert page.outside_hosts() == set()
+
+
+def test_full_queue_is_a_readable_429(stack, page: Page) -> None:
+    stack.api("--max-queue", "1")
+    stack.fake_worker("--fake-token-delay", "0.5", "--limit-worker-concurrency", "1")
+    open_chat(page, start_ui(stack))
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as held:
+        assert next(held.iter_lines()).startswith("data: ")  # the queue is full now
+        ask(page, "hello")
+        wait_text(page, "The server is overloaded")
+    text = chat_text(page)
+    assert "429" in text and "full" in text and "Wait a moment" in text
+    page.shot("chat-overloaded")
