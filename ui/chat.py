@@ -98,7 +98,9 @@ def build(api: ApiClient, demo: gr.Blocks) -> None:
     with gr.Accordion("Parameters", open=False, elem_id="chat-params"):
         system = gr.Textbox("", label="System prompt", lines=2, elem_id="chat-system")
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+            temperature = gr.Slider(
+                0, 2, value=0.7, step=0.05, label="Temperature", elem_id="chat-temperature"
+            )
             top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top p")
             max_tokens = gr.Slider(
                 1, 4096, value=512, step=1, label="Max tokens", elem_id="chat-max-tokens"

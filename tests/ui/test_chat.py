@@ -47,6 +47,11 @@ def test_real_model_answers_paris(model_stack, page: Page) -> None:
     url = start_ui(model_stack)
     open_chat(page, url, DEMO_MODEL)
     pick_model(page, DEMO_MODEL)
+    page.page.locator("#chat-params").click()  # open the parameters: greedy, for a sure answer
+    temperature = page.page.locator("#chat-temperature input[type=number]")
+    temperature.fill("0")
+    temperature.press("Tab")
+    expect(page.page.locator("#chat-temperature input[type=range]")).to_have_value("0")
     ask(page, "What is the capital of France?")
     wait_text(page, "Paris", timeout=120)
     wait_text(page, "tokens/s", timeout=120)  # the footer comes with the usage chunk
@@ -122,6 +127,15 @@ def test_works_under_a_root_path(stack, page: Page, root_path: str) -> None:
     ask(page, "hello")
     wait_text(page, "tokens/s")
     assert "t3." in chat_text(page)
+    rows = page.page.locator("#chat-log .message-row")
+    expect(rows).to_have_count(2)
+    first = rows.nth(1).inner_text()
+    page.page.locator("#chat-regenerate").click()  # asked again (new job id), not added
+    expect(rows.nth(1)).not_to_have_text(first)
+    wait_text(page, "tokens/s")
+    expect(rows).to_have_count(2)
+    page.page.locator("#chat-clear").click()
+    expect(rows).to_have_count(0)
     assert page.outside_hosts() == set()
 
 
