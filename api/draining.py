@@ -55,6 +55,11 @@ async def until_drained(items: AsyncIterator[T], drain: Drain) -> AsyncIterator[
     """Yield ``items``; once the drain's grace has run out, yield ``None`` and stop."""
     it = aiter(items)
     while True:
+        # Checked before every item, not only while waiting: a stream whose tokens keep
+        # coming would otherwise outlive the grace and be cut by the server, not ended.
+        if drain.expired():
+            yield None
+            return
         nxt = asyncio.ensure_future(anext(it))
         try:
             while not nxt.done():

@@ -165,7 +165,13 @@ async def rolling_restart(stack: Stack, *, n: int, size: str, seed: int = 10) ->
             limits = httpx.Limits(max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
                 await request(client, o)
-            if not o.exception.startswith("ConnectError"):
+            # No response at all: the connection was refused or closed before the API read
+            # the request (uvicorn closes connections it has not started on when it stops),
+            # so nothing was accepted; the openai client retries such errors by itself.
+            unanswered = o.status == 0 and o.exception.startswith(
+                ("ConnectError", "ReadError", "RemoteProtocolError")
+            )
+            if not unanswered:
                 return
             s.notes["connect_retries"] = s.notes.get("connect_retries", 0) + 1
             o.exception, o.finished = "", 0.0
