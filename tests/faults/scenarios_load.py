@@ -11,7 +11,7 @@ from tokenrelay.queueing.keys import GROUP, Keys
 from tokenrelay.queueing.messages import Job
 
 from ..stack import Process, Stack
-from .client import bounded, http_client, loop_lag, redis_client, request
+from .client import bounded, finish, http_client, loop_lag, redis_client, request
 from .ledger import MODEL, Outcome, Summary, check_redis, p99, settle
 
 # ---------------------------------------------------------------------------------------------
@@ -48,14 +48,7 @@ async def kill_workers(stack: Stack, *, n: int, size: str, seed: int = 1) -> Sum
         await bounded([request(client, o) for o in outcomes], concurrency=30)
         stop.set()
         await kill_task
-    settle(outcomes, s)
-    r = redis_client(stack)
-    try:
-        await check_redis(r, stack.prefix, s)
-    finally:
-        await r.aclose()
-    s.elapsed_s = time.monotonic() - started
-    return s
+    return await finish(stack, outcomes, s, started)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,17 +221,11 @@ async def first_chunk_race(stack: Stack, *, n: int, size: str, seed: int = 3) ->
     outcomes = [Outcome(i, stream=True, max_tokens=rng.randint(1, 4)) for i in range(n)]
     async with http_client(stack, timeout=60) as client:
         await bounded([request(client, o) for o in outcomes], concurrency=32)
-    settle(outcomes, s)
+    await finish(stack, outcomes, s, started)
     if s.rejected:
         s.violations.append(f"{s.rejected} requests rejected: the race test must not overload")
     if s.errored:
         s.violations.append(f"{s.errored} requests errored")
-    r = redis_client(stack)
-    try:
-        await check_redis(r, stack.prefix, s)
-    finally:
-        await r.aclose()
-    s.elapsed_s = time.monotonic() - started
     return s
 
 
@@ -263,7 +250,7 @@ async def overload(stack: Stack, *, n: int, size: str, seed: int = 9) -> Summary
             await asyncio.sleep(0.01)  # open loop: ~100 arrivals a second
         await asyncio.gather(*tasks)
     lag.cancel()
-    settle(outcomes, s)
+    await finish(stack, outcomes, s, started)
     s.faults = s.rejected
     s.p99_reject_latency_s = p99([o.latency for o in outcomes if o.status == 429])
     t0 = outcomes[0].started
@@ -284,10 +271,4 @@ async def overload(stack: Stack, *, n: int, size: str, seed: int = 9) -> Summary
         )
     if s.errored:
         s.violations.append(f"{s.errored} accepted requests errored")
-    r = redis_client(stack)
-    try:
-        await check_redis(r, stack.prefix, s)
-    finally:
-        await r.aclose()
-    s.elapsed_s = time.monotonic() - started
     return s

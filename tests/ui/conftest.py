@@ -54,8 +54,11 @@ def start_ui(stack: Stack, *argv: str, api_key: str = "EMPTY", root_path: str = 
     raise TimeoutError(f"{url} not up:\n{proc.output()}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
+    # Module scope, not session: Playwright's sync API keeps an event loop running in this
+    # thread while it lives, and every async test collected after it (pytest-asyncio's
+    # Runner) then fails with "cannot be called from a running event loop".
     if not shutil.which("chromium") and not Path(CHROMIUM).exists():
         pytest.skip("needs Debian's chromium package (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
