@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import free_port
 
 LOGS = Path(os.environ.get("TOKENRELAY_TEST_LOGS", "test-artifacts/logs"))
@@ -54,9 +54,7 @@ class Stack:
         out = open(log, "wb")
         popen = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "tokenrelay",
+                *tokenrelay_argv(),
                 name,
                 "--redis-url",
                 self.redis_url,

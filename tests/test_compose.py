@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tokenrelay.cli import COMMANDS
+from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import EmbeddedRedis, free_port
 
 from .stack import LOGS, Process, Stack
@@ -95,7 +96,7 @@ class ComposeRun:
         LOGS.mkdir(parents=True, exist_ok=True)
         log = LOGS / f"{self.stack.prefix}-compose-{name}-{index}.log"
         popen = subprocess.Popen(
-            [sys.executable, "-m", "tokenrelay", *command[1:]],
+            [*tokenrelay_argv(), *command[1:]],
             env=self.env(service, name),
             stdout=open(log, "wb"),
             stderr=subprocess.STDOUT,

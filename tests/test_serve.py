@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import httpx
 import psutil
 import pytest
 
+from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import free_port
 
 from .conftest import DEMO_MODEL
@@ -24,7 +24,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, demo_model: Path):  # type:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     out = open(log, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenrelay", "serve", "--port", str(port)],
+        [*tokenrelay_argv(), "serve", "--port", str(port)],
         stdout=out,
         stderr=subprocess.STDOUT,
     )
@@ -66,9 +66,7 @@ def test_chat_cli_streams_and_resets(served) -> None:  # type: ignore[no-untyped
     session = "What is the capital of France?\n!!reset\nWhat is the capital of France?\n!!exit\n"
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "tokenrelay",
+            *tokenrelay_argv(),
             "chat",
             "--api-url",
             f"{url}/v1",
@@ -101,7 +99,7 @@ def test_chat_cli_prints_no_http_log_lines(stack: Stack) -> None:
     stack.api()
     stack.fake_worker()
     done = subprocess.run(
-        [sys.executable, "-m", "tokenrelay", "chat", "--api-url", f"{stack.url}/v1"],
+        [*tokenrelay_argv(), "chat", "--api-url", f"{stack.url}/v1"],
         input="hello\nhello again\n!!exit\n",
         capture_output=True,
         text=True,

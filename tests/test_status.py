@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
+
+from tokenrelay.commands import tokenrelay_argv
 
 from .stack import Stack
 
@@ -95,7 +96,7 @@ def test_status_counts_dead_letters(stack: Stack, sync_redis) -> None:  # type: 
 
 def _cli(stack: Stack, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tokenrelay", "status", "--redis-url", stack.redis_url,
+        [*tokenrelay_argv(), "status", "--redis-url", stack.redis_url,
          "--key-prefix", stack.prefix, *argv],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
@@ -121,7 +122,7 @@ def test_status_command_prints_tables(stack: Stack, sync_redis) -> None:  # type
 def test_status_command_watch_redraws(stack: Stack) -> None:
     stack.fake_worker()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenrelay", "status", "--redis-url", stack.redis_url,
+        [*tokenrelay_argv(), "status", "--redis-url", stack.redis_url,
          "--key-prefix", stack.prefix, "--watch", "0.3"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -134,7 +135,7 @@ def test_status_command_watch_redraws(stack: Stack) -> None:
 
 def test_status_command_without_redis_says_so() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tokenrelay", "status", "--redis-url", "redis://127.0.0.1:1/0"],
+        [*tokenrelay_argv(), "status", "--redis-url", "redis://127.0.0.1:1/0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode != 0 and "cannot read Redis at redis://127.0.0.1:1/0" in out.stderr

@@ -13,6 +13,7 @@ import time
 
 import httpx
 
+from .commands import tokenrelay_argv
 from .embedded_redis import EmbeddedRedis, free_port
 
 DEMO_QUESTION = "What is the capital of France?"
@@ -135,7 +136,7 @@ def _model(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _spawn(command: str, *argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "tokenrelay", command, *argv])
+    return subprocess.Popen(tokenrelay_argv(command, *argv))
 
 
 def _start_ui(
@@ -148,9 +149,7 @@ def _start_ui(
     # The key travels in the environment, not on a command line every user can read.
     env = {**os.environ, "OPENAI_API_KEY": key}
     procs.append(
-        subprocess.Popen(
-            [sys.executable, "-m", "tokenrelay", *argv, "--redis-url", redis_url], env=env
-        )
+        subprocess.Popen(tokenrelay_argv(*argv, "--redis-url", redis_url), env=env)
     )
     return f"http://{_display_host(args.host)}:{port}"
 

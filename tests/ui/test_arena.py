@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from playwright.sync_api import expect
+
+from tokenrelay.commands import tokenrelay_argv
 
 from .conftest import Page, start_ui
 
@@ -63,9 +64,7 @@ def test_battle_vote_lands_in_redis(stack, page: Page, sync_redis, tmp_path) -> 
     out = tmp_path / "votes.jsonl"
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "tokenrelay",
+            *tokenrelay_argv(),
             "ui",
             "--redis-url",
             stack.redis_url,

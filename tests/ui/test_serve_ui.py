@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 
+from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import free_port
 
 from ..conftest import DEMO_MODEL
@@ -20,9 +20,7 @@ def test_serve_starts_the_ui(tmp_path, demo_model, page: Page) -> None:  # type:
     log = tmp_path / "serve.log"
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "tokenrelay",
+            *tokenrelay_argv(),
             "serve",
             "--port",
             str(free_port()),

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..commands import tokenrelay_argv
 from .stats import markdown, summarize
 
 
@@ -157,10 +158,7 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
     common = ["--redis-url", redis.url]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tokenrelay",
+            tokenrelay_argv(
                 "worker",
                 "--model-path",
                 args.model_path,
@@ -173,13 +171,10 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
                 "--max-model-len",
                 str(max_len),
                 *common,
-            ]
+            )
         ),
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tokenrelay",
+            tokenrelay_argv(
                 "api",
                 "--port",
                 str(port),
@@ -188,7 +183,7 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
                 "--log-level",
                 "warning",
                 *common,
-            ]
+            )
         ),
     ]
     url = f"http://127.0.0.1:{port}"
