@@ -1,4 +1,5 @@
-"""SIGTERM on the API: open streams end themselves within --shutdown-grace."""
+"""SIGTERM: the API ends open streams within --shutdown-grace; a worker finishes what fits in
+its grace and hands the rest back."""
 
 from __future__ import annotations
 
@@ -58,3 +59,38 @@ async def test_sigterm_ends_open_streams_with_a_terminal_event(stack: Stack) -> 
         error = json.loads(lines[-2].removeprefix("data: "))["error"]
         assert error["code"] == "server_shutting_down"
     await asyncio.to_thread(api.popen.wait, 10)
+
+
+async def _whole(url: str, i: int, tokens: int) -> dict:
+    body = {"model": "fake", "prompt": f"job {i}", "max_tokens": tokens}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+async def test_worker_sigterm_finishes_jobs_within_its_grace(stack: Stack) -> None:
+    """Regression: when every in-flight job finished within the grace, the drain called
+    asyncio.wait() on an empty set and the worker exited with a traceback."""
+    stack.api()
+    worker = stack.fake_worker("--fake-token-delay", "0.02", "--shutdown-grace", "10")
+    tasks = [asyncio.create_task(_whole(stack.url, i, 50)) for i in range(3)]
+    await asyncio.sleep(0.5)
+    worker.popen.send_signal(signal.SIGTERM)
+    for answer in await asyncio.gather(*tasks):
+        assert answer["choices"][0]["finish_reason"] == "length"
+    assert await asyncio.to_thread(worker.popen.wait, 15) == 0
+    assert "Traceback" not in worker.output()
+
+
+async def test_worker_sigterm_hands_back_what_outlasts_its_grace(stack: Stack) -> None:
+    stack.api()
+    leaving = stack.fake_worker("--fake-token-delay", "0.05", "--shutdown-grace", "0.5")
+    tasks = [asyncio.create_task(_whole(stack.url, i, 60)) for i in range(3)]  # 3 s each
+    await asyncio.sleep(0.5)
+    stack.fake_worker("--fake-token-delay", "0.01")
+    leaving.popen.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.popen.wait, 15) == 0
+    assert "handed back 3 jobs" in leaving.output()
+    for answer in await asyncio.gather(*tasks):  # the other worker ran them again
+        assert answer["choices"][0]["finish_reason"] == "length"

@@ -124,6 +124,8 @@ class Worker:
         )
         late = [e for e, task in self.inflight.items() if task in pending]
         models = {e: self.jobs[e].model for e in late if e in self.jobs}
+        if not pending:  # everything finished within the grace
+            return
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=5)
