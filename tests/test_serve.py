@@ -83,6 +83,32 @@ def test_chat_cli_streams_and_resets(served) -> None:  # type: ignore[no-untyped
     assert "conversation reset" in done.stderr
 
 
+def test_a_killed_worker_is_started_again_and_loses_nothing(served) -> None:  # type: ignore[no-untyped-def]
+    """Bug: serve stopped the API, the UI and Redis as soon as one worker died, so every
+    client got a connection error. Now the worker is started again; its jobs, left pending
+    by the dead one, are reclaimed once its heartbeat lapses, and every request is answered."""
+    import concurrent.futures
+
+    url, proc, log = served
+
+    def ask(i: int) -> int:
+        body = {"model": DEMO_MODEL, "prompt": f"Count to {i + 3}:", "max_tokens": 24}
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=180).status_code
+
+    worker = next(
+        p for p in psutil.Process(proc.pid).children() if "worker" in p.cmdline()
+    )
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = [pool.submit(ask, i) for i in range(6)]
+        time.sleep(1.0)
+        worker.kill()
+        codes = [a.result() for a in answers]
+    assert codes == [200] * 6
+    assert proc.poll() is None
+    assert "starting it again" in log.read_text(errors="replace")
+    assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
+
+
 def test_ctrl_c_stops_everything(served) -> None:  # type: ignore[no-untyped-def]
     _, proc, _ = served
     children = psutil.Process(proc.pid).children(recursive=True)

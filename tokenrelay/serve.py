@@ -13,8 +13,8 @@ import time
 
 import httpx
 
-from .commands import tokenrelay_argv
 from .embedded_redis import EmbeddedRedis, free_port
+from .supervisor import Supervisor
 
 DEMO_QUESTION = "What is the capital of France?"
 
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    procs: list[subprocess.Popen[bytes]] = []
+    children = Supervisor()
     redis = None
 
     def shutdown(*_: object) -> None:
@@ -67,62 +67,59 @@ def run(args: argparse.Namespace) -> None:
             redis_url = redis.url
             print(f"Started redis-server on {redis_url}", file=sys.stderr)
         model_path, names = _model(args)
-        for _ in range(args.workers):
-            procs.append(
-                _spawn(
-                    "worker",
-                    "--model-path",
-                    model_path,
-                    "--model-names",
-                    names,
-                    "--device",
-                    args.device,
-                    "--dtype",
-                    args.dtype,
-                    "--num-gpus",
-                    str(args.num_gpus),
-                    *(["--max-gpu-memory", args.max_gpu_memory] if args.max_gpu_memory else []),
-                    "--limit-worker-concurrency",
-                    str(args.limit_worker_concurrency),
-                    "--redis-url",
-                    redis_url,
-                )
-            )
-        procs.append(
-            _spawn(
-                "api",
-                "--host",
-                args.host,
-                "--port",
-                str(args.port),
-                "--redis-url",
-                redis_url,
-                *(["--api-keys", args.api_keys] if args.api_keys else []),
-            )
+        for i in range(args.workers):
+            name = "worker" if args.workers == 1 else f"worker {i + 1}"
+            children.start(name, *_worker_argv(args, model_path, names, redis_url), restart=True)
+        children.start(
+            "API",
+            "api",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--redis-url",
+            redis_url,
+            *(["--api-keys", args.api_keys] if args.api_keys else []),
         )
         url = f"http://{_display_host(args.host)}:{args.port}"
-        ui_url = None if args.no_ui else _start_ui(args, url, redis_url, procs)
-        wait_ready(url, procs, args.ready_timeout)
+        ui_url = None if args.no_ui else _start_ui(args, url, redis_url, children)
+        wait_ready(url, children.popens, args.ready_timeout)
         if ui_url:
-            wait_ready(ui_url, procs, 120, path="/")
+            wait_ready(ui_url, children.popens, 120, path="/")
         _banner(url, names.split(",")[0], args.api_keys, ui_url)
-        while all(p.poll() is None for p in procs):
+        while (reason := children.check()) is None:
             time.sleep(0.5)
-        print("A tokenrelay process exited; stopping the rest.", file=sys.stderr)
+        print(f"tokenrelay serve: {reason}; stopping the rest.", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("\nStopping ...", file=sys.stderr)
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(35)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        children.stop()
         if redis:
             redis.stop()
+
+
+def _worker_argv(
+    args: argparse.Namespace, model_path: str, names: str, redis_url: str
+) -> list[str]:
+    return [
+        "worker",
+        "--model-path",
+        model_path,
+        "--model-names",
+        names,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--num-gpus",
+        str(args.num_gpus),
+        *(["--max-gpu-memory", args.max_gpu_memory] if args.max_gpu_memory else []),
+        "--limit-worker-concurrency",
+        str(args.limit_worker_concurrency),
+        "--redis-url",
+        redis_url,
+    ]
 
 
 def _model(args: argparse.Namespace) -> tuple[str, str]:
@@ -135,22 +132,14 @@ def _model(args: argparse.Namespace) -> tuple[str, str]:
     return str(demo_model_path()), args.model_names or MODEL_NAME
 
 
-def _spawn(command: str, *argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(tokenrelay_argv(command, *argv))
-
-
-def _start_ui(
-    args: argparse.Namespace, url: str, redis_url: str, procs: list[subprocess.Popen[bytes]]
-) -> str:
+def _start_ui(args: argparse.Namespace, url: str, redis_url: str, children: Supervisor) -> str:
     """Start `tokenrelay ui` on --ui-port (or a free port); return its URL."""
     port = args.ui_port if _port_free(args.host, args.ui_port) else free_port()
     key = args.api_keys.split(",")[0] if args.api_keys else "EMPTY"
     argv = ["ui", "--api-url", f"{url}/v1", "--host", args.host, "--port", str(port)]
     # The key travels in the environment, not on a command line every user can read.
     env = {**os.environ, "OPENAI_API_KEY": key}
-    procs.append(
-        subprocess.Popen(tokenrelay_argv(*argv, "--redis-url", redis_url), env=env)
-    )
+    children.start("UI", *argv, "--redis-url", redis_url, env=env)
     return f"http://{_display_host(args.host)}:{port}"
 
 
