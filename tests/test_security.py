@@ -25,11 +25,11 @@ CHAT = {"model": "fake", "messages": HELLO, "max_tokens": 4}
 
 # The least-privilege users the README documents (keep the two in step).
 ACL_API = (
-    "-@all +ping +client|setinfo +evalsha +eval +script|load +xadd +xlen +xrange +get +set "
-    "+mget +smembers +srem +zscore +subscribe +unsubscribe +incrby +pttl +pexpire"
+    "-@all +ping +evalsha +eval +script|load +xadd +xlen +xrange +get +set "
+    "+mget +smembers +srem +zscore +subscribe +unsubscribe +incrby +pttl +pexpire +zrangebyscore +xpending +xinfo|groups"
 )
 ACL_WORKER = (
-    "-@all +ping +client|setinfo +evalsha +eval +script|load +multi +exec +xreadgroup +xack "
+    "-@all +ping +evalsha +eval +script|load +multi +exec +xreadgroup +xack "
     "+xdel +xgroup|create +xpending +xclaim +xadd +xlen +expire +publish +exists +set +del "
     "+sadd +srem +zadd"
 )
@@ -309,6 +309,12 @@ def test_acl_users_serve_a_request(acl_redis: EmbeddedRedis) -> None:
         assert r.status_code == 200 and "[DONE]" in r.text, r.text
         r = httpx.get(f"{api.url}/v1/models", headers={"Authorization": "Bearer acl-key"})
         assert [m["id"] for m in r.json()["data"]] == ["fake"]
+        # the operator's views read the same keys through the API's user
+        r = httpx.get(f"{api.url}/v1/status", headers={"Authorization": "Bearer acl-key"})
+        assert r.status_code == 200, r.text
+        assert [m["name"] for m in r.json()["models"]] == ["fake"]
+        r = httpx.get(f"{api.url}/metrics")
+        assert r.status_code == 200 and 'tokenrelay:workers{model="fake"} 1.0' in r.text
         for p in api.processes + worker.processes:
             assert "NOPERM" not in p.output() and "no permissions" not in p.output(), p.output()
     finally:
