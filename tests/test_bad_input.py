@@ -18,6 +18,7 @@ import pytest
 from tokenrelay.embedded_redis import EmbeddedRedis
 
 from .conftest import DEMO_MODEL
+from .openai_errors import assert_error
 from .stack import Stack
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -39,21 +40,6 @@ def _client(stack: Stack, api_key: str = "EMPTY") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    """The response is an OpenAI error with this status (and code); returns the error."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json"), r.headers
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"], err
-    assert isinstance(err["type"], str) and err["type"], err
-    assert err["param"] is None or isinstance(err["param"], str), err
-    assert err["code"] is None or isinstance(err["code"], str), err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def _post(stack: Stack, path: str, **kw: Any) -> httpx.Response:

@@ -18,6 +18,7 @@ import redis
 
 from tokenrelay.embedded_redis import EmbeddedRedis
 
+from .openai_errors import assert_error
 from .stack import Stack
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -26,7 +27,8 @@ CHAT = {"model": "fake", "messages": HELLO, "max_tokens": 4}
 # The least-privilege users the README documents (keep the two in step).
 ACL_API = (
     "-@all +ping +evalsha +eval +script|load +xadd +xlen +xrange +get +set "
-    "+mget +smembers +srem +zscore +subscribe +unsubscribe +incrby +pttl +pexpire +zrangebyscore +xpending +xinfo|groups"
+    "+mget +smembers +srem +zscore +subscribe +unsubscribe +incrby +pttl +pexpire "
+    "+zrangebyscore +xpending +xinfo|groups"
 )
 ACL_WORKER = (
     "-@all +ping +evalsha +eval +script|load +multi +exec +xreadgroup +xack "
@@ -35,16 +37,6 @@ ACL_WORKER = (
 )
 
 
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json"), r.headers
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def chat(stack: Stack, key: str | None = None, **body: Any) -> httpx.Response:
