@@ -109,6 +109,30 @@ def test_a_killed_worker_is_started_again_and_loses_nothing(served) -> None:  # 
     assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
 
 
+def test_a_killed_redis_is_started_again(served) -> None:  # type: ignore[no-untyped-def]
+    """serve's own Redis, SIGKILLed: serve starts it again on the same port from its
+    append-only file, and the API and the worker reconnect by themselves."""
+    url, proc, log = served
+    server = next(
+        p for p in psutil.Process(proc.pid).children() if "redis-server" in p.name()
+    )
+    server.kill()
+    deadline = time.monotonic() + 60
+    body = {"model": DEMO_MODEL, "prompt": "The capital of France is", "max_tokens": 8}
+    while True:
+        try:
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503, r.text  # while Redis is down: a clean 503
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+    assert proc.poll() is None
+    assert "redis-server exited" in log.read_text(errors="replace")
+
+
 def test_ctrl_c_stops_everything(served) -> None:  # type: ignore[no-untyped-def]
     _, proc, _ = served
     children = psutil.Process(proc.pid).children(recursive=True)

@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> None:
         if args.redis_url:
             redis_url = args.redis_url
         else:
-            redis = EmbeddedRedis().start()
+            # AOF on: if this Redis dies, it is started again with the jobs it held
+            redis = EmbeddedRedis(appendonly=True).start()
             redis_url = redis.url
             print(f"Started redis-server on {redis_url}", file=sys.stderr)
         model_path, names = _model(args)
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> None:
             wait_ready(ui_url, children.popens, 120, path="/")
         _banner(url, names.split(",")[0], args.api_keys, ui_url)
         while (reason := children.check()) is None:
+            if redis:
+                _keep_redis_up(redis)
             time.sleep(0.5)
         print(f"tokenrelay serve: {reason}; stopping the rest.", file=sys.stderr)
         sys.exit(1)
@@ -97,6 +100,20 @@ def run(args: argparse.Namespace) -> None:
         children.stop()
         if redis:
             redis.stop()
+
+
+def _keep_redis_up(redis: EmbeddedRedis) -> None:
+    """Start the embedded Redis again if it died, on the same port and from its append-only
+    file; the API answers 503 meanwhile, and the API and workers reconnect by themselves."""
+    if redis.process is None or redis.process.poll() is None:
+        return
+    print(
+        f"tokenrelay serve: redis-server exited (code {redis.process.returncode}); "
+        "starting it again from its append-only file.",
+        file=sys.stderr,
+        flush=True,
+    )
+    redis.start()
 
 
 def _worker_argv(
