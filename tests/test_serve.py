@@ -133,6 +133,23 @@ def test_a_killed_redis_is_started_again(served) -> None:  # type: ignore[no-unt
     assert "redis-server exited" in log.read_text(errors="replace")
 
 
+def test_a_killed_api_is_started_again(served) -> None:  # type: ignore[no-untyped-def]
+    url, proc, log = served
+    api = next(p for p in psutil.Process(proc.pid).children() if "api" in p.cmdline())
+    api.kill()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+    assert proc.poll() is None
+    assert "the API exited" in log.read_text(errors="replace")
+
+
 def test_ctrl_c_stops_everything(served) -> None:  # type: ignore[no-untyped-def]
     _, proc, _ = served
     children = psutil.Process(proc.pid).children(recursive=True)

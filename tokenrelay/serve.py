@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
         model_path, names = _model(args)
         for i in range(args.workers):
             name = "worker" if args.workers == 1 else f"worker {i + 1}"
-            children.start(name, *_worker_argv(args, model_path, names, redis_url), restart=True)
+            children.start(name, *_worker_argv(args, model_path, names, redis_url))
         children.start(
             "API",
             "api",

@@ -19,22 +19,20 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str] | None
-    restart: bool
     popen: subprocess.Popen[bytes]
     restarts: deque[float] = field(default_factory=deque)
 
 
 class Supervisor:
-    """Children of `serve`. Workers restart when they exit (their unfinished jobs are
-    reclaimed by the live workers meanwhile); the API or the UI exiting stops everything."""
+    """Children of `serve`, each started again when it exits: a worker's unfinished jobs are
+    reclaimed by the live workers meanwhile, and the API and the UI keep no state. One that
+    keeps exiting (a crash loop) stops everything."""
 
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def start(
-        self, name: str, *argv: str, env: dict[str, str] | None = None, restart: bool = False
-    ) -> Child:
-        child = Child(name, list(argv), env, restart, self._popen(list(argv), env))
+    def start(self, name: str, *argv: str, env: dict[str, str] | None = None) -> Child:
+        child = Child(name, list(argv), env, self._popen(list(argv), env))
         self.children.append(child)
         return child
 
@@ -43,13 +41,11 @@ class Supervisor:
         return [c.popen for c in self.children]
 
     def check(self) -> str | None:
-        """Restart exited workers; the reason to stop everything, if there is one."""
+        """Start exited children again; the reason to stop everything, if there is one."""
         for child in self.children:
             code = child.popen.poll()
             if code is None:
                 continue
-            if not child.restart:
-                return f"the {child.name} exited (code {code})"
             now = time.monotonic()
             while child.restarts and child.restarts[0] < now - RESTART_WINDOW:
                 child.restarts.popleft()
@@ -60,8 +56,7 @@ class Supervisor:
                 )
             child.restarts.append(now)
             print(
-                f"tokenrelay serve: the {child.name} exited (code {code}); starting it again. "
-                "The other workers take over its unfinished jobs meanwhile.",
+                f"tokenrelay serve: the {child.name} exited (code {code}); starting it again.",
                 file=sys.stderr,
                 flush=True,
             )
