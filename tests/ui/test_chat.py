@@ -145,7 +145,11 @@ def test_full_queue_is_a_readable_429(stack, page: Page) -> None:
     open_chat(page, start_ui(stack))
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as held:
-        assert next(held.iter_lines()).startswith("data: ")  # the queue is full now
+        # Keep the line iterator referenced: a throwaway one is freed at once, and closing it
+        # closes the response, which the API (rightly) takes for a hang-up and cancels the job
+        # that was meant to hold the queue full.
+        lines = held.iter_lines()
+        assert next(lines).startswith("data: ")  # the queue is full now
         ask(page, "hello")
         wait_text(page, "The server is overloaded")
     text = chat_text(page)
