@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -109,6 +110,24 @@ def test_a_killed_worker_is_started_again_and_loses_nothing(served) -> None:  # 
     assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
 
 
+def _until_200(
+    send: Callable[[], httpx.Response], log: Path, between: tuple[int, ...] | None = None
+) -> None:
+    """Send until the answer is a 200 (60 s at most); connection errors are retried, and
+    other answers must be one of ``between`` (any, if None)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            r = send()
+            if r.status_code == 200:
+                return
+            assert between is None or r.status_code in between, r.text
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+
+
 def test_a_killed_redis_is_started_again(served) -> None:  # type: ignore[no-untyped-def]
     """serve's own Redis, SIGKILLed: serve starts it again on the same port from its
     append-only file, and the API and the worker reconnect by themselves."""
@@ -117,18 +136,9 @@ def test_a_killed_redis_is_started_again(served) -> None:  # type: ignore[no-unt
         p for p in psutil.Process(proc.pid).children() if "redis-server" in p.name()
     )
     server.kill()
-    deadline = time.monotonic() + 60
     body = {"model": DEMO_MODEL, "prompt": "The capital of France is", "max_tokens": 8}
-    while True:
-        try:
-            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-            if r.status_code == 200:
-                break
-            assert r.status_code == 503, r.text  # while Redis is down: a clean 503
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
+    # while Redis is down: a clean 503
+    _until_200(lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=60), log, (503,))
     assert proc.poll() is None
     assert "redis-server exited" in log.read_text(errors="replace")
 
@@ -137,15 +147,7 @@ def test_a_killed_api_is_started_again(served) -> None:  # type: ignore[no-untyp
     url, proc, log = served
     api = next(p for p in psutil.Process(proc.pid).children() if "api" in p.cmdline())
     api.kill()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
+    _until_200(lambda: httpx.get(f"{url}/ready", timeout=5), log)
     assert proc.poll() is None
     assert "the API exited" in log.read_text(errors="replace")
 
