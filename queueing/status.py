@@ -29,6 +29,8 @@ class ModelStatus(BaseModel):
 
 
 class WorkerStatus(BaseModel):
+    """What a worker's heartbeat reported (WorkerInfo, less its internal fields)."""
+
     id: str
     models: list[str]
     device: str
@@ -55,7 +57,8 @@ async def snapshot(redis: aioredis.Redis, keys: Keys) -> Status:
     for w in workers:
         names.update(w.models)
     models = [await _model_status(redis, keys, name, workers) for name in sorted(names)]
-    return Status(models=models, workers=[_worker_status(w) for w in workers])
+    reports = [WorkerStatus.model_validate(w.model_dump()) for w in workers]
+    return Status(models=models, workers=reports)
 
 
 async def _known_models(redis: aioredis.Redis, keys: Keys) -> list[str]:
@@ -109,19 +112,3 @@ async def _oldest_queued_age(redis: aioredis.Redis, stream: str) -> float:
     queued_ms = int(entries[0][0].split("-", 1)[0])
     return round(max(0.0, time.time() - queued_ms / 1000), 3)
 
-
-def _worker_status(w: WorkerInfo) -> WorkerStatus:
-    return WorkerStatus(
-        id=w.id,
-        models=w.models,
-        device=w.device,
-        capacity=w.capacity,
-        inflight=w.inflight,
-        engine=w.engine,
-        host=w.host,
-        pid=w.pid,
-        started_at=w.started_at,
-        last_heartbeat=w.last_heartbeat,
-        tokens_per_s=w.tokens_per_s,
-        version=w.version,
-    )

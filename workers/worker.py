@@ -122,10 +122,10 @@ class Worker:
         _, pending = await asyncio.wait(
             list(self.inflight.values()), timeout=self.options.shutdown_grace
         )
-        late = [e for e, task in self.inflight.items() if task in pending]
-        models = {e: self.jobs[e].model for e in late if e in self.jobs}
         if not pending:  # everything finished within the grace
             return
+        late = [e for e, task in self.inflight.items() if task in pending]
+        models = {e: self.jobs[e].model for e in late if e in self.jobs}
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=5)
