@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenrelay.cli import build_parser
-from tokenrelay.envflags import env_name, env_table, flag_actions, subparsers
+from tokenrelay.cli import COMMANDS, build_parser
+from tokenrelay.envflags import env_name, env_table, flag_actions, reads_env, subparsers
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -101,5 +101,85 @@ def test_readme_table_matches_the_parsers() -> None:
     assert start in text and end in text, "README lacks the generated variable table"
     table = text.split(start, 1)[1].split(end, 1)[0].strip()
     assert table == env_table(build_parser()), (
-        "README's variable table is stale: regenerate it with `python -m tokenrelay.envflags`"
+        "README's variable table is stale: regenerate it with `python -P -m tokenrelay.envflags`"
     )
+
+
+def _help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    return re.sub(r"\s+", " ", parser._get_formatter()._format_action(action)).strip()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_states_each_default_once_and_no_variable_for_help(command: str) -> None:
+    """Bug: `worker --help` said `jobs this worker runs at once (default 8) (default: 8)` (a
+    default in the help text, and the formatter's own), `(default: None)` where there is
+    none, and `-h, --help ... [env: TOKENRELAY_HELP]`, a variable nothing reads."""
+    parser = subparsers(build_parser())[command]
+    for action in parser._actions:
+        text = _help_of(parser, action)
+        assert text.count("(default") <= 1, text
+        assert "(default: None)" not in text and "(default: )" not in text, text
+        assert text.count("[env: ") == (1 if reads_env(action) else 0), text
+        number = isinstance(action.default, int | float) and not isinstance(action.default, bool)
+        in_words = "(default 1 MiB)" in text  # --max-body-bytes
+        if number and action.help != argparse.SUPPRESS and not in_words:
+            assert f"(default: {action.default})" in text, text  # the live value
+    assert "TOKENRELAY_HELP" not in parser.format_help()
+
+
+def test_help_shows_a_default_a_variable_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The help text's own `(default 8)` follows TOKENRELAY_LIMIT_WORKER_CONCURRENCY."""
+    monkeypatch.setenv("TOKENRELAY_LIMIT_WORKER_CONCURRENCY", "12")
+    parser = subparsers(build_parser())["worker"]
+    parser.parse_known_args([])  # reads the variables, as parsing `worker --help` does
+    (action,) = [a for a in parser._actions if a.dest == "limit_worker_concurrency"]
+    text = _help_of(parser, action)
+    assert "(default: 12)" in text and "8" not in text
+
+
+def _readme_flag_tables() -> dict[str, dict[str, str]]:
+    """Each command's `| Flag | Default | Meaning |` table in README: flag -> default cell.
+    A table belongs to the first `tokenrelay COMMAND` of its section (`## Browser UI`:
+    "`tokenrelay ui` is a Gradio app")."""
+    text = README.read_text()
+    tables: dict[str, dict[str, str]] = {}
+    header = "| Flag | Default | Meaning |"
+    for part in text.split(header)[1:]:
+        section = re.split(r"^##+ ", text[: text.index(header + part)], flags=re.M)[-1]
+        command = re.findall(r"`tokenrelay (\w+)", section)[0]
+        rows = tables.setdefault(command, {})
+        for line in part.split("\n\n", 1)[0].splitlines()[2:]:
+            flag, default = re.match(r"\| `(--[\w-]+)[^`]*` \| (.*?) \|", line).groups()
+            rows[flag] = default
+    return tables
+
+
+def _documents(cell: str, default: object) -> bool:
+    """Whether README's default cell says ``default``: a literal (`0.05`, `0` (off)) is
+    compared; words (`the demo model`, `$OPENAI_API_KEY`, else ...) are taken as written."""
+    literal = re.fullmatch(r"`([^`$]+)`( \(.*\))?", cell)
+    if literal is None:
+        return cell not in ("off", "none", "empty") or default in (None, False, "")
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        return float(literal.group(1)) == default
+    return literal.group(1) == str(default)
+
+
+def test_readme_flag_tables_match_the_parsers() -> None:
+    """Bug: README said `--chunk-interval` defaults to 0.02; the worker's is 0.05. Every
+    flag `--help` shows has a row in its command's README table, with the parser's default."""
+    tables = _readme_flag_tables()
+    assert set(tables) == set(COMMANDS), f"README has flag tables for {sorted(tables)}"
+    for command, parser in subparsers(build_parser()).items():
+        shown = {
+            max(a.option_strings, key=len): a
+            for a in flag_actions(parser)
+            if a.help != argparse.SUPPRESS and a.dest != "log_format"
+        }
+        rows = tables[command]
+        assert set(rows) == set(shown), f"README's `{command}` table differs from --help"
+        for flag, action in shown.items():
+            assert _documents(rows[flag], action.default), (
+                f"README: `{command} {flag}` defaults to {rows[flag]}; "
+                f"the parser says {action.default!r}"
+            )

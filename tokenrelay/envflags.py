@@ -6,7 +6,8 @@ built, so a new flag gets its variable without code. The variable becomes the fl
 default (converted and checked like the flag), so a flag on the command line wins; `--help`
 shows each variable, and masks the value of secrets.
 
-``python -m tokenrelay.envflags`` prints the README's table of variables.
+``python -P -m tokenrelay.envflags`` prints the README's table of variables (``-P``: from the
+repository root, the checkout's ``tokenrelay/`` folder would shadow the installed package).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 from collections.abc import Iterator, Mapping
 
 PREFIX = "TOKENRELAY_"
@@ -28,13 +30,17 @@ def env_name(action: argparse.Action) -> str:
     return PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
+def reads_env(action: argparse.Action) -> bool:
+    """Whether a variable can set the action: a ``--flag`` that stores a value (not --help
+    or --version, which act instead of storing)."""
+    if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+        return False
+    return any(s.startswith("--") for s in action.option_strings)
+
+
 def flag_actions(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
-    """The parser's ``--flags``, without --help and --version."""
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
-            continue
-        if any(s.startswith("--") for s in action.option_strings):
-            yield action
+    """The parser's ``--flags`` that read a variable."""
+    return (action for action in parser._actions if reads_env(action))
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -83,22 +89,37 @@ class EnvArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults as argparse shows them, then ``[env: TOKENRELAY_...]``; secrets masked."""
+# A default the help text states itself: "(default 8)", "(default: the folder's name)".
+_STATED_DEFAULT = re.compile(r"\(default\b[^()]*\)")
+# One that is just a number is replaced by the live value (a variable may have changed it).
+_STATED_NUMBER = re.compile(r"\(default:? -?[0-9.]+\)")
+_NO_HELP = "\0"  # stands in for a flag's missing help, which argparse would not format
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help, its default once, then ``[env: TOKENRELAY_...]``; secrets masked.
+
+    Not ``ArgumentDefaultsHelpFormatter``: it appends ``(default: ...)`` to a help text that
+    already states its default (``jobs this worker runs at once (default 8) (default: 8)``),
+    prints ``(default: None)``; and ``[env: ...]`` goes only where a variable is read."""
 
     def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and action.option_strings:  # argparse prints no help line
+        if not action.help and reads_env(action):  # argparse prints no help line
             action = copy.copy(action)
-            action.help = "(default: %(default)s)"
+            action.help = _NO_HELP
         return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = super()._get_help_string(action) or ""
-        if not any(s.startswith("--") for s in action.option_strings):
+        text = (action.help or "").replace(_NO_HELP, "").strip()
+        if not reads_env(action):
             return text
+        text = _STATED_NUMBER.sub("(default: %(default)s)", text)
+        stated = "%(default)" in text or _STATED_DEFAULT.search(text)
+        if not stated and action.default not in (None, "", argparse.SUPPRESS):
+            text += " (default: %(default)s)"
         if action.dest in SECRETS and action.default:
             text = text.replace("%(default)s", "****")
-        return f"{text} [env: {env_name(action)}]"
+        return f"{text} [env: {env_name(action)}]".lstrip()
 
 
 def env_table(parser: argparse.ArgumentParser) -> str:
