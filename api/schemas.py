@@ -85,10 +85,17 @@ class _Common(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
+        # Left out (or null, as OpenAI reads it): not passed on, so the worker applies the
+        # model's generation_config default instead of a fixed one.
+        given: dict[str, float | int] = {}
+        if self.temperature is not None:
+            given["temperature"] = self.temperature
+        if self.top_p is not None:
+            given["top_p"] = self.top_p
+        if self.top_k is not None:
+            given["top_k"] = max(0, self.top_k)  # -1 (vLLM) and 0 both mean no top-k filter
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(0, self.top_k or 0),
+            **given,  # type: ignore[arg-type]
             seed=self.seed,
             max_tokens=max_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),

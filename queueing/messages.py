@@ -6,11 +6,15 @@ instead of guessing. Messages are JSON, never pickle.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 PROTOCOL_VERSION = 1
+
+# Sampling fields a request may leave to the model: left out, they are absent from the job's
+# JSON too, and the worker fills them from the model's generation_config (as vLLM does).
+MODEL_DEFAULTED = ("temperature", "top_p", "top_k")
 
 
 class Message(BaseModel):
@@ -20,6 +24,16 @@ class Message(BaseModel):
 
 
 class SamplingParams(BaseModel):
+    """How to sample one job.
+
+    "Not given" is absence, not null: a field of ``MODEL_DEFAULTED`` the client left out is
+    not in ``model_fields_set`` and not in the JSON, and a worker fills it from its model's
+    generation_config. Its value here is the neutral fallback (no model default either).
+    Absence keeps both sides of a rolling upgrade working: an older worker reads an absent
+    field as this fallback (its old behaviour), and a job from an older API names every
+    field, so a newer worker honours them all.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -31,6 +45,12 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     n: int = Field(1, ge=1)
     ignore_eos: bool = False
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        unset = set(MODEL_DEFAULTED) - self.model_fields_set
+        return {k: v for k, v in data.items() if k not in unset}
 
 
 class ChatMessage(BaseModel):

@@ -6,6 +6,7 @@ converted once into a transformers folder in the cache, and that folder loads in
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,15 +30,36 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "tokenrelay"
 
 
+# The sampling the model card recommends (https://huggingface.co/HuggingFaceTB/
+# SmolLM2-135M-Instruct: `model.generate(..., temperature=0.2, top_p=0.9, do_sample=True)`).
+# The GGUF carries no generation settings, so without these a request that leaves
+# temperature out samples at 1.0, where this small model often misses "Paris".
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
+
 def demo_model_path() -> Path:
     """The demo model as a transformers folder, fetched and converted on first use."""
     folder = cache_dir() / MODEL_NAME
-    if (folder / "config.json").is_file():
-        return folder
-    gguf = demo_gguf_path()
-    print(f"Converting {gguf.name} to a transformers folder (once) ...", file=sys.stderr)
-    _convert(gguf, folder)
+    if not (folder / "config.json").is_file():
+        gguf = demo_gguf_path()
+        print(f"Converting {gguf.name} to a transformers folder (once) ...", file=sys.stderr)
+        _convert(gguf, folder)
+    write_generation_defaults(folder)  # also into a folder converted before they existed
     return folder
+
+
+def write_generation_defaults(folder: Path) -> None:
+    """Add the model card's sampling to the folder's generation_config.json, keeping what
+    it already holds (the token ids transformers saved); a temperature set there stays."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if "temperature" in config:
+        return
+    config.update(GENERATION_DEFAULTS)
+    config.pop("_from_model_config", None)  # no longer only what config.json implies
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: workers starting at once may race to write it
 
 
 def demo_gguf_path() -> Path:
@@ -88,6 +110,7 @@ def _convert(gguf: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    write_generation_defaults(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

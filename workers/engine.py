@@ -10,8 +10,9 @@ import asyncio
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from tokenrelay.queueing.messages import ChoiceDelta, Job
 
@@ -86,6 +87,8 @@ class JobHandle:
 class Engine(ABC):
     name: str = "engine"
     max_context: int = 0
+    # The model's generation_config defaults, for sampling fields a request leaves out.
+    sampling_defaults: Mapping[str, float | int] = MappingProxyType({})
 
     @abstractmethod
     def submit(self, job: Job) -> JobHandle:

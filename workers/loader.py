@@ -6,8 +6,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .sampling import defaults_from
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,15 @@ def load(options: LoadOptions):  # type: ignore[no-untyped-def]
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     log.info("loaded %s in %.1fs", options.model_path, time.monotonic() - started)
     return model, tokenizer
+
+
+def generation_defaults(model: Any) -> dict[str, float | int]:
+    """The sampling defaults of a loaded model: what its generation_config.json sets (only
+    what differs from transformers' own defaults, as vLLM reads it)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    return defaults_from(config.to_diff_dict())
 
 
 def _eight_bit():  # type: ignore[no-untyped-def]

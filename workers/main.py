@@ -162,7 +162,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         choose_engine(args, model_type="", supported=True)
     from .hf_engine import HFEngine
     from .llama_runner import supports
-    from .loader import LoadOptions, load
+    from .loader import LoadOptions, generation_defaults, load
 
     model, tokenizer = load(
         LoadOptions(
@@ -178,17 +178,22 @@ def build_engine(args: argparse.Namespace) -> Engine:
     kind = choose_engine(
         args, model_type=getattr(model.config, "model_type", ""), supported=supports(model)
     )
+    engine: Engine
     if kind == "generate":
         from .generate_engine import GenerateEngine
 
-        return GenerateEngine(model, tokenizer)
-    if kind == "batch":
+        engine = GenerateEngine(model, tokenizer)
+    elif kind == "batch":
         from .batch_engine import BatchEngine
 
-        return BatchEngine(
+        engine = BatchEngine(
             model, tokenizer, slots=args.limit_worker_concurrency, max_len=args.max_model_len
         )
-    return HFEngine(model, tokenizer)
+    else:
+        engine = HFEngine(model, tokenizer)
+    engine.sampling_defaults = generation_defaults(model)
+    log.info("sampling defaults from the model's generation_config: %s", engine.sampling_defaults)
+    return engine
 
 
 def run(args: argparse.Namespace) -> None:

@@ -1,10 +1,45 @@
-"""Per-request sampling: temperature, top-k, top-p and a seeded generator."""
+"""Per-request sampling: temperature, top-k, top-p and a seeded generator; and the model's
+defaults for the sampling fields a request leaves out."""
 
 from __future__ import annotations
 
-import torch
+import logging
+from collections.abc import Mapping
+from typing import Any
 
-from tokenrelay.queueing.messages import SamplingParams
+import torch
+from pydantic import ValidationError
+
+from tokenrelay.queueing.messages import MODEL_DEFAULTED, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def defaults_from(generation_config: Mapping[str, Any]) -> dict[str, float | int]:
+    """The sampling defaults a model's generation_config sets, for the fields tokenrelay
+    samples with (``MODEL_DEFAULTED``). A value tokenrelay would refuse from a client (a
+    temperature of 5, say) is left out with a warning rather than applied. ``do_sample`` is
+    not read, as vLLM does not: a config that names a temperature means it."""
+    defaults: dict[str, float | int] = {}
+    for name in MODEL_DEFAULTED:
+        value = generation_config.get(name)
+        if value is None:
+            continue
+        if name == "top_k" and isinstance(value, int) and value < 0:
+            value = 0  # -1: no top-k filter, as 0 is here
+        try:
+            checked = SamplingParams.model_validate({name: value})
+        except ValidationError:
+            log.warning("generation_config %s=%r is out of range: not used", name, value)
+            continue
+        defaults[name] = getattr(checked, name)
+    return defaults
+
+
+def with_defaults(params: SamplingParams, defaults: Mapping[str, float | int]) -> SamplingParams:
+    """``params`` with the model's defaults in the fields the request left out."""
+    missing = {k: v for k, v in defaults.items() if k not in params.model_fields_set}
+    return params.model_copy(update=missing) if missing else params
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator:

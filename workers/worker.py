@@ -31,6 +31,7 @@ from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job, Result, Us
 from tokenrelay.queueing.registry import Registry, WorkerInfo
 
 from .engine import Engine, EngineEvent, InvalidRequest
+from .sampling import with_defaults
 from .throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class Worker:
             log.error("dead-lettering malformed job %s: %s", delivery.entry_id, exc)
             await self.consumer.dead_letter(delivery, f"malformed job: {exc}")
             return
+        job.params = with_defaults(job.params, self.engine.sampling_defaults)
         self.jobs[delivery.entry_id] = job
         bind_request_id(job.request_id or job.id)  # this job's task: its log records
         publisher = ChunkPublisher(

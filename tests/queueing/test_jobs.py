@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
 
 from tokenrelay.queueing.connection import RedisSettings
 from tokenrelay.queueing.jobs import JobQueue
-from tokenrelay.queueing.messages import Job, SamplingParams
+from tokenrelay.queueing.messages import MODEL_DEFAULTED, Job, SamplingParams
 
 
 def make_job(model: str = "fake", request_id: str | None = None, **params: object) -> Job:
@@ -95,3 +97,52 @@ async def test_cancel_sets_an_expiring_key(
     await queue.cancel("fake", "cmpl-x", ttl=30)
     assert await aredis.exists(keys.cancel("fake", "cmpl-x"))
     assert 0 < await aredis.ttl(keys.cancel("fake", "cmpl-x")) <= 30
+
+
+# sampling fields left to the model: absent on the wire, so old and new sides interoperate
+
+
+class _OldSamplingParams(BaseModel):
+    """SamplingParams as workers before the model's defaults read it (fixed fallbacks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    n: int = Field(1, ge=1)
+    ignore_eos: bool = False
+
+
+def _wire_params(job: Job) -> dict[str, object]:
+    return json.loads(job.model_dump_json())["params"]  # type: ignore[no-any-return]
+
+
+def test_left_out_sampling_fields_are_absent_on_the_wire() -> None:
+    """A request that leaves temperature, top_p and top_k out must reach the worker saying
+    so (it fills them from the model's generation_config), not as a fixed 1.0."""
+    wire = _wire_params(make_job(max_tokens=5))
+    assert not set(MODEL_DEFAULTED) & set(wire), wire
+    assert wire["max_tokens"] == 5
+
+    given = make_job(temperature=1.0, top_k=3)
+    wire = _wire_params(given)
+    assert (wire["temperature"], wire["top_k"]) == (1.0, 3)
+    assert "top_p" not in wire
+    back = Job.model_validate_json(given.model_dump_json())
+    assert back == given
+    assert set(MODEL_DEFAULTED) & back.params.model_fields_set == {"temperature", "top_k"}
+
+
+def test_new_job_reads_on_an_old_worker_and_old_job_on_a_new_one() -> None:
+    """Rolling upgrade: an older worker reads a new job's absent fields as its old fixed
+    defaults; an older API's job names every field, and a new worker honours them all."""
+    old = _OldSamplingParams.model_validate(_wire_params(make_job(max_tokens=5, top_p=0.5)))
+    assert (old.temperature, old.top_p, old.top_k, old.max_tokens) == (1.0, 0.5, 0, 5)
+
+    from_old_api = SamplingParams.model_validate_json(_OldSamplingParams().model_dump_json())
+    assert set(MODEL_DEFAULTED) <= from_old_api.model_fields_set
