@@ -22,10 +22,15 @@ SPREAD_OR_QUANTIZED = [
 ]
 
 
-def test_auto_picks_batch_for_a_supported_model_on_one_device() -> None:
+def test_auto_picks_paged_for_a_supported_model_on_one_device() -> None:
     args = worker_args()
-    assert choose_engine(args, model_type="llama", supported=True) == "batch"
-    assert choose_engine(args, model_type="gpt2", supported=False) == "hf"
+    assert choose_engine(args, model_type="llama", reason=None) == "paged"
+    assert choose_engine(args, model_type="t5", reason="not decoder-only") == "hf"
+
+
+def test_engine_paged_for_a_model_it_cannot_run_exits_with_the_reason() -> None:
+    with pytest.raises(SystemExit, match="not decoder-only.*--engine hf"):
+        choose_engine(worker_args("--engine", "paged"), model_type="t5", reason="not decoder-only")
 
 
 @pytest.mark.parametrize("flags", SPREAD_OR_QUANTIZED)
@@ -34,28 +39,24 @@ def test_auto_never_picks_batch_for_a_spread_or_quantized_model(flags: tuple[str
     GPUs (--num-gpus > 1, --max-gpu-memory), though it reads raw weights and assumes one
     device. Auto must fall back to hf there."""
     args = worker_args("--engine", "auto", *flags)
-    assert choose_engine(args, model_type="llama", supported=True) == "hf"
+    assert choose_engine(args, model_type="llama", reason=None) == "hf"
 
 
 @pytest.mark.parametrize("flags", SPREAD_OR_QUANTIZED)
+@pytest.mark.parametrize("name", ["paged", "batch"])
 def test_engine_batch_with_a_spread_or_quantized_model_exits_clearly(
-    flags: tuple[str, ...],
+    flags: tuple[str, ...], name: str
 ) -> None:
-    args = worker_args("--engine", "batch", *flags)
-    with pytest.raises(SystemExit, match="--engine batch .* one device.*--engine hf") as exc:
-        choose_engine(args, model_type="llama", supported=True)
+    args = worker_args("--engine", name, *flags)
+    with pytest.raises(SystemExit, match=f"--engine {name} .* one device.*--engine hf") as exc:
+        choose_engine(args, model_type="llama", reason=None)
     assert flags[0] in str(exc.value)
     # and before loading anything (the model path does not even exist)
     with pytest.raises(SystemExit, match=flags[0]):
         build_engine(args)
 
 
-def test_engine_batch_for_an_unsupported_shape_exits_clearly() -> None:
-    with pytest.raises(SystemExit, match="not 'gpt2'"):
-        choose_engine(worker_args("--engine", "batch"), model_type="gpt2", supported=False)
-
-
 @pytest.mark.parametrize("engine", ["hf", "generate"])
 def test_explicit_engines_are_kept(engine: str) -> None:
     args = worker_args("--engine", engine, "--load-8bit", "--num-gpus", "2")
-    assert choose_engine(args, model_type="llama", supported=True) == engine
+    assert choose_engine(args, model_type="llama", reason=None) == engine

@@ -1,0 +1,168 @@
+"""Attention over the paged KV cache, plugged into transformers' attention interface.
+
+The model's own attention modules compute q, k and v (with their norms and rotary), then
+call the function registered here instead of sdpa. It writes the new tokens' keys and
+values into the cache rows of ``PagedBatch.slot_mapping`` and attends each query token to
+its own sequence's cached positions only, read through the block table. On CUDA the
+Triton kernel (triton_attention.py) does the reading; elsewhere a torch loop over the
+sequences does, which is the reference the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IMPLEMENTATION = "tokenrelay_paged"
+
+
+@dataclass
+class PagedBatch:
+    """Where a forward pass's tokens sit in the cache. Device tensors are what a captured
+    graph reads (the runner refills them in place); host lists serve the torch path."""
+
+    slot_mapping: Tensor  # (T,) long: the cache row each new token's k/v goes to
+    block_tables: Tensor  # (S, max_blocks) int32
+    seq_lens: Tensor  # (S,) int32: context length including the new tokens
+    query_start: Tensor  # (S + 1,) int32
+    max_query_len: int
+    max_seq_len: int
+    caches: list[tuple[Tensor, Tensor]]  # per layer: (num_blocks, block_size, kv_heads, d)
+    seq_lens_host: list[int] | None = None
+    query_start_host: list[int] | None = None
+    use_triton: bool = False
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,  # (1, heads, T, d)
+    key: Tensor,  # (1, kv_heads, T, d)
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    paged: PagedBatch | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    if paged is None:  # a call from outside the engine (generate(), a test): plain sdpa
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(  # type: ignore[no-any-return]
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=scaling,
+            dropout=dropout,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **kwargs,
+        )
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks are not supported by the paged engine")
+    k_cache, v_cache = paged.caches[module.layer_idx]
+    write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), paged.slot_mapping)
+    q = query[0].transpose(0, 1)  # (T, heads, d)
+    scale = scaling if scaling is not None else 1 / math.sqrt(q.shape[-1])
+    window = sliding_window if sliding_window and sliding_window < paged.max_seq_len else None
+    if paged.use_triton:
+        from .triton_attention import paged_attention
+
+        out = paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            paged.block_tables,
+            paged.seq_lens,
+            paged.query_start,
+            scale,
+            max_query_len=paged.max_query_len,
+            max_seq_len=paged.max_seq_len,
+            sliding_window=window,
+            softcap=softcap or None,
+        )
+    else:
+        out = torch_paged_attention(q, k_cache, v_cache, paged, scale, window, softcap or None)
+    return out[None], None  # (1, T, heads, d), as the modules expect
+
+
+def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    """Store (T, kv_heads, d) keys and values at their cache rows."""
+    kv_heads, d = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, d).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def torch_paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    paged: PagedBatch,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """Reference paged attention, one sequence at a time, in float32."""
+    seq_lens = paged.seq_lens_host or paged.seq_lens.tolist()
+    starts = paged.query_start_host or paged.query_start.tolist()
+    if paged.max_query_len == 1 and softcap is None and sliding_window is None:
+        return _decode_attention(q, k_cache, v_cache, paged, scale)
+    block_size, kv_heads, d = k_cache.shape[1:]
+    groups = q.shape[1] // kv_heads
+    out = torch.zeros_like(q)
+    for s, length in enumerate(seq_lens):
+        begin, end = starts[s], starts[s + 1]
+        if length == 0 or end == begin:
+            continue
+        blocks = paged.block_tables[s, : -(-length // block_size)].long()
+        keys = k_cache[blocks].reshape(-1, kv_heads, d)[:length].float()
+        values = v_cache[blocks].reshape(-1, kv_heads, d)[:length].float()
+        queries = q[begin:end].float()  # (n, heads, d)
+        n = end - begin
+        positions = torch.arange(length - n, length, device=q.device)[:, None]
+        seen = torch.arange(length, device=q.device)[None]
+        allowed = seen <= positions
+        if sliding_window is not None:
+            allowed &= seen > positions - sliding_window
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+        scores = torch.einsum("nhd,khd->hnk", queries, keys) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[begin:end] = torch.einsum("hnk,khd->nhd", probs, values).to(q.dtype)
+    return out
+
+
+def _decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, paged: PagedBatch, scale: float
+) -> Tensor:
+    """One query per sequence: gather every sequence's blocks at once and run one masked
+    sdpa over the batch (the CPU's decode step; a loop per sequence costs more there)."""
+    block_size, kv_heads, d = k_cache.shape[1:]
+    batch, heads = q.shape[:2]
+    width = -(-paged.max_seq_len // block_size)
+    tables = paged.block_tables[:, :width].long()
+    keys = k_cache[tables].reshape(batch, width * block_size, kv_heads, d).transpose(1, 2)
+    values = v_cache[tables].reshape(batch, width * block_size, kv_heads, d).transpose(1, 2)
+    span = torch.arange(width * block_size, device=q.device)
+    mask = (span[None] < paged.seq_lens[:, None])[:, None, None]  # (B, 1, 1, span)
+    queries = q.view(batch, kv_heads, heads // kv_heads, d)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
+    )
+    return out.reshape(batch, heads, d)
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, paged_attention_forward)

@@ -1,0 +1,415 @@
+"""The paged continuous-batching engine: the loop that ties scheduler, runner and sampler.
+
+Each turn of the loop: take new jobs; admit what the cache has blocks for (their prompts
+prefilled together, long ones in chunks); give every decoding sequence the block its next
+token needs, preempting the newest sequences when none is left; launch the decode step;
+and only then turn the previous step's tokens into text, so the host's work overlaps the
+device's.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
+
+from ..engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
+from ..hf_engine import eos_ids
+from ..prompts import encode_prompt
+from ..sampling import make_generator, sample_rows
+from ..text import TextTracker
+from .blocks import BlockManager, BlockTable, OutOfBlocks
+from .cache import CacheShape, KVCache
+from .runner import ModelRunner, SeqInput
+from .sequences import Run, Seq, Step
+
+log = logging.getLogger(__name__)
+
+
+class PagedEngine(ThreadedEngine):
+    name = "paged"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        num_blocks: int,
+        max_seqs: int,
+        max_len: int,
+        prefill_budget: int = 4096,
+        admit_window: float = 0.015,
+        admit_batch: int = 8,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids(model, tokenizer)
+        self.max_context = max_len
+        self.max_seqs = max_seqs
+        device = next(model.parameters()).device
+        self.cache = KVCache(CacheShape.of(model), num_blocks, device)
+        self.blocks = BlockManager(num_blocks, self.cache.block_size)
+        self.runner = ModelRunner(model, self.cache, max_len)
+        self.runner.capture_graphs(max_seqs)
+        self.device = device
+        self.prefill_budget = prefill_budget
+        self.admit_window = admit_window
+        self.admit_batch = admit_batch
+        self.preemptions = 0
+        self._waiting_since = 0.0
+        self._shared = torch.Generator(device=device)
+        self._shared.seed()
+        self._waiting: list[tuple[Job, JobHandle] | Run] = []
+        self._closed = False
+        log.info(
+            "paged engine: KV cache of %d tokens (%d blocks of %d, %.2f GiB), up to %d "
+            "sequences at once, max length %d",
+            self.cache.tokens,
+            num_blocks,
+            self.cache.block_size,
+            self.cache.bytes / 2**30,
+            max_seqs,
+            max_len,
+        )
+        self._start_thread("paged-engine")
+
+    # engine thread
+
+    def _loop(self) -> None:
+        running: list[Run] = []
+        pending: Step | None = None
+        while not self._closed:
+            self._collect(block=not running and not self._waiting and pending is None)
+            try:
+                running += self._admit(running)
+                running = [r for r in running if not self._drop_cancelled(r)]
+                running = self._end_finished(running)
+                if running and not self._reserve(running):
+                    # the cache is full: settle the step in flight, then make room
+                    if pending is not None:
+                        self._finish_step(pending)
+                        pending = None
+                    running = self._end_finished(running)
+                    running = self._preempt_until_fits(running)
+                launched = self._launch(running, pending) if running else None
+                if pending is not None:
+                    self._finish_step(pending)
+            except Exception as exc:  # a failed step fails the jobs in it, not the worker
+                log.exception("engine step failed")
+                for r in running:
+                    self._end(r, exc)
+                running, launched = [], None
+            pending = launched
+            running = self._end_finished(running)
+        for item in running + [w for w in self._waiting if isinstance(w, Run)]:
+            self._end(item)
+
+    def _collect(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    self._closed = True
+                else:
+                    if not self._waiting:
+                        self._waiting_since = time.monotonic()
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    # admission
+
+    def _admit(self, running: list[Run]) -> list[Run]:
+        """Prefill waiting jobs (and preempted runs) while sequences, blocks and the
+        prefill budget last. While others decode, arrivals gather for ``admit_window``
+        seconds (or until ``admit_batch`` wait), so a trickle costs a few batched
+        prefills instead of a stall of the decode loop each."""
+        if not self._waiting:
+            return []
+        if running and len(self._waiting) < self.admit_batch and not self._resumable():
+            if time.monotonic() - self._waiting_since < self.admit_window:
+                return []
+        live = sum(len(r.live_seqs) for r in running)
+        budget = self.prefill_budget
+        # keep a few blocks back so running sequences can grow without preempting at once
+        reserve = max(1, self.blocks.num_blocks // 100)
+        admitted: list[Run] = []
+        while self._waiting and budget > 0:
+            item = self._waiting[0]
+            run = item if isinstance(item, Run) else self._prepare_or_reject(*item)
+            if run is None:
+                self._waiting.pop(0)
+                continue
+            self._waiting[0] = run
+            seqs = run.live_seqs
+            need = sum(self.blocks.blocks_for(len(s.tokens) + 1) for s in seqs)
+            if run.fresh:
+                need = self.blocks.blocks_for(len(seqs[0].tokens) + 1) + len(seqs) - 1
+            if live + len(seqs) > self.max_seqs or need + reserve > self.blocks.free_blocks:
+                if not running and not admitted and need > self.blocks.num_blocks:
+                    self._waiting.pop(0)
+                    self._end(run, InvalidRequest("the prompt does not fit in the KV cache"))
+                    continue
+                break
+            self._waiting.pop(0)
+            live += len(seqs)
+            budget -= sum(len(s.tokens) for s in (seqs[:1] if run.fresh else seqs))
+            admitted.append(run)
+        if not admitted:
+            return []
+        try:
+            self._prefill(admitted)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for run in admitted:
+                self._end(run, exc)
+            return []
+        return admitted
+
+    def _resumable(self) -> bool:
+        return isinstance(self._waiting[0], Run)
+
+    def _prepare_or_reject(self, job: Job, handle: JobHandle) -> Run | None:
+        if job.params.n > self.max_seqs:
+            self._reject(
+                handle,
+                InvalidRequest(
+                    f"n={job.params.n} is more than the {self.max_seqs} sequences this "
+                    "worker runs at once",
+                    code="n_too_large",
+                ),
+            )
+            return None
+        try:
+            ids = encode_prompt(self.tokenizer, job)
+            params = job.params
+            return Run(
+                job=job,
+                handle=handle,
+                prompt_len=len(ids),
+                max_tokens=max_tokens_for(job, len(ids), self.max_context),
+                generator=make_generator(params, self.device),
+                stop_ids=set(params.stop_token_ids)
+                | (set() if params.ignore_eos else self.eos_ids),
+                seqs=[
+                    Seq(BlockTable(), TextTracker(self._decode, params.stop), list(ids))
+                    for _ in range(params.n)
+                ],
+            )
+        except Exception as exc:
+            if not isinstance(exc, InvalidRequest):
+                log.exception("could not prepare %s", job.id)
+            self._reject(handle, exc)
+            return None
+
+    def _reject(self, handle: JobHandle, exc: BaseException) -> None:
+        handle.put(exc)
+        handle.close()
+
+    def _prefill(self, admitted: list[Run]) -> None:
+        """Fresh prompts: one pass for all (a prompt over the budget in chunks of its
+        own), one sampling pass for their first tokens. Preempted sequences: their tokens
+        so far go back into the cache, and decoding picks up where it stopped."""
+        fresh = [r for r in admitted if r.fresh]
+        resumed = [s for r in admitted if not r.fresh for s in r.live_seqs]
+        for seq in resumed:
+            self.blocks.allocate(seq.table, len(seq.tokens))
+            self._fill(seq, seq.tokens[:-1])
+            seq.length, seq.last, seq.on_device = len(seq.tokens) - 1, seq.tokens[-1], False
+        if not fresh:
+            return
+        firsts = [r.seqs[0] for r in fresh]
+        for seq in firsts:
+            self.blocks.allocate(seq.table, len(seq.tokens) + 1)
+        logits = self._fill_many(firsts)
+        rows: list[int] = []
+        params: list[SamplingParams | None] = []
+        generators: list[torch.Generator | None] = []
+        for row, run in enumerate(fresh):
+            first = run.seqs[0]
+            first.length = len(first.tokens)
+            for seq in run.seqs[1:]:
+                self._fork(first, seq)
+            seeded = run.generator if run.job.params.seed is not None else None
+            for _ in run.seqs:
+                rows.append(row)
+                params.append(run.job.params)
+                generators.append(seeded)
+            run.fresh = False
+        picked = sample_rows(logits[_to(self.device, rows)], params, generators, self._shared)
+        tokens = iter(picked.tolist())
+        for run in fresh:
+            event = self._advance(run, [next(tokens) for _ in run.seqs])
+            if event:
+                run.handle.put(event)
+
+    def _fill_many(self, seqs: list[Seq]) -> torch.Tensor:
+        """Prefill whole prompts, packed while they fit the budget; last logits of each."""
+        out: list[torch.Tensor] = []
+        group: list[SeqInput] = []
+        size = 0
+        for seq in seqs:
+            if len(seq.tokens) > self.prefill_budget:
+                out.append(self._fill(seq, seq.tokens))
+                continue
+            if size + len(seq.tokens) > self.prefill_budget and group:
+                out.append(self.runner.forward(group))
+                group, size = [], 0
+            group.append(SeqInput(seq.tokens, 0, seq.table.blocks))
+            size += len(seq.tokens)
+        if group:
+            out.append(self.runner.forward(group))
+        # restore the order of ``seqs``: long prompts went first
+        order = [s for s in seqs if len(s.tokens) > self.prefill_budget]
+        order += [s for s in seqs if len(s.tokens) <= self.prefill_budget]
+        logits = torch.cat(out)
+        index = {id(s): i for i, s in enumerate(order)}
+        return logits[_to(self.device, [index[id(s)] for s in seqs])]
+
+    def _fill(self, seq: Seq, tokens: list[int]) -> torch.Tensor:
+        """Run ``tokens`` into the cache from position 0 in budget-sized chunks."""
+        logits = torch.empty(0)
+        for start in range(0, len(tokens), self.prefill_budget):
+            chunk = tokens[start : start + self.prefill_budget]
+            logits = self.runner.forward([SeqInput(chunk, start, seq.table.blocks)])
+        return logits
+
+    def _fork(self, first: Seq, seq: Seq) -> None:
+        """Another choice of the same prompt: share its full blocks, copy the last one."""
+        seq.table = self.blocks.fork(first.table, first.length)
+        self.blocks.allocate(seq.table, first.length + 1)
+        full = first.length // self.blocks.block_size
+        if first.length % self.blocks.block_size:
+            self.cache.copy_block(first.table.blocks[full], seq.table.blocks[full])
+        seq.length = first.length
+
+    # decoding
+
+    def _reserve(self, running: list[Run]) -> bool:
+        """Give each decoding sequence the block its next position needs."""
+        try:
+            for run in running:
+                for seq in run.live_seqs:
+                    self.blocks.allocate(seq.table, seq.length + 1)
+        except OutOfBlocks:
+            return False
+        return True
+
+    def _preempt_until_fits(self, running: list[Run]) -> list[Run]:
+        """Send the newest runs back to the queue (their tokens are kept and recomputed
+        when blocks free up) until the others can take their next step."""
+        while running and not self._reserve(running):
+            victim = running.pop()
+            for seq in victim.seqs:
+                self.blocks.free(seq.table)
+            self.preemptions += 1
+            log.info(
+                "KV cache full (%d blocks): preempted %s after %d tokens; it resumes when "
+                "blocks free up",
+                self.blocks.num_blocks,
+                victim.job.id,
+                victim.generated,
+            )
+            self._waiting.insert(0, victim)
+        return running
+
+    def _drop_cancelled(self, run: Run) -> bool:
+        cancelled = self.forget_cancel(run.job.id)
+        if cancelled:
+            self._end(run)
+        return cancelled
+
+    def _end_finished(self, running: list[Run]) -> list[Run]:
+        for run in running:
+            if run.done:
+                self._end(run)
+        return [r for r in running if not r.done]
+
+    def _launch(self, running: list[Run], previous: Step | None) -> Step | None:
+        """Queue one decode step for every live sequence; returns without waiting."""
+        live = [(r, s) for r in running for s in r.live_seqs]
+        if not live:
+            return None
+        rows = {id(s): i for i, (_, s) in enumerate(previous.live)} if previous else {}
+        tokens = _to(self.device, [s.last for _, s in live])
+        from_device = [s.on_device and id(s) in rows for _, s in live]
+        if previous is not None and any(from_device):
+            index = _to(self.device, [rows.get(id(s), 0) for _, s in live])
+            earlier = previous.picked[index]
+            tokens = torch.where(_to(self.device, from_device, torch.bool), earlier, tokens)
+        inputs = [SeqInput([], s.length, s.table.blocks) for _, s in live]
+        logits = self.runner.decode(tokens, inputs)
+        params = [r.job.params for r, _ in live]
+        generators = [r.generator if r.job.params.seed is not None else None for r, _ in live]
+        picked = sample_rows(logits, list(params), generators, self._shared)
+        for _, s in live:
+            s.length += 1
+            s.on_device = True
+        return Step(live, picked)
+
+    def _finish_step(self, step: Step) -> None:
+        """Wait for a launched step's tokens; emit text and finish reasons."""
+        picked = step.tokens()
+        by_run: dict[int, tuple[Run, dict[int, int]]] = {}
+        for row, (run, s) in enumerate(step.live):
+            if run.ended or s.finish is not None:
+                continue
+            by_run.setdefault(id(run), (run, {}))[1][id(s)] = picked[row]
+        events = []
+        for run, got in by_run.values():
+            tokens = [got.get(id(s), -1) for s in run.seqs]
+            event = self._advance(run, tokens)
+            if event:
+                events.append((run.handle, event))
+        if events:
+            JobHandle.put_all(events[0][0].loop, events)
+
+    def _advance(self, run: Run, tokens: list[int]) -> EngineEvent | None:
+        """Take one new token per live choice (-1: none this step); emit text and
+        finish reasons."""
+        run.generated += 1
+        deltas = []
+        for index, (seq, token) in enumerate(zip(run.seqs, tokens, strict=True)):
+            if seq.finish is not None or token < 0:
+                continue
+            run.completion_tokens += 1
+            seq.last = token
+            seq.tokens.append(token)
+            text = ""
+            if token in run.stop_ids:
+                text, seq.finish = seq.tracker.flush(), "stop"
+            else:
+                text = seq.tracker.add(token)
+                if seq.tracker.stopped:
+                    seq.finish = "stop"
+                elif run.generated >= run.max_tokens or seq.length + 1 >= self.max_context:
+                    text, seq.finish = text + seq.tracker.flush(), "length"
+            if text or seq.finish:
+                deltas.append(ChoiceDelta(index=index, text=text, finish_reason=seq.finish))
+            if seq.finish is not None:
+                self.blocks.free(seq.table)
+        if not deltas:
+            return None
+        return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
+
+    def _end(self, run: Run, error: BaseException | None = None) -> None:
+        if run.ended:
+            return
+        run.ended = True
+        for seq in run.seqs:
+            self.blocks.free(seq.table)
+        if error is not None:
+            run.handle.put(error)
+        run.handle.close()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:  # type: ignore[type-arg]
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -1,0 +1,226 @@
+"""The model runner: one forward pass of the model's own transformers modules over a packed
+batch, with the paged cache behind their attention.
+
+All new tokens of a step, prompts being prefilled and sequences decoding alike, are packed
+into one row of shape (1, T) with their own positions; ``logits_to_keep`` picks each
+sequence's last token, so the LM head (and Gemma's logit soft-capping) runs on S rows, not
+T. The attention interface (attention.py) gets the cache through the ``paged`` keyword,
+which transformers passes down to every attention module. On CUDA the decode step of each
+batch-size bucket is captured once in a CUDA graph over static input buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import attention
+from .cache import KVCache
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
+
+
+@dataclass
+class SeqInput:
+    """One sequence's part of a step: its new tokens and where they go."""
+
+    tokens: list[int]  # new tokens (a prompt, a prompt's tail, or one decode token)
+    start: int  # position of the first new token
+    blocks: list[int]  # the block table, covering start + len(tokens) positions
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_len: int) -> None:
+        attention.register()
+        model.set_attn_implementation(attention.IMPLEMENTATION)
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+        self.max_len = max_len
+        self.max_blocks = -(-max_len // cache.block_size)
+        self.use_graphs = self.device.type == "cuda"
+        self.use_triton = self.device.type == "cuda"
+        self._graphs: dict[int, _Graph] = {}
+        self.max_batch = 0
+
+    # eager passes (prefill, CPU decode)
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[SeqInput]) -> Tensor:
+        """Logits (S, vocab) of each sequence's last new token."""
+        lengths = [len(s.tokens) for s in seqs]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        tokens = [t for s in seqs for t in s.tokens]
+        positions = [s.start + i for s in seqs for i in range(len(s.tokens))]
+        bs = self.cache.block_size
+        slots = [
+            s.blocks[p // bs] * bs + p % bs
+            for s in seqs
+            for p in range(s.start, s.start + len(s.tokens))
+        ]
+        width = max(len(s.blocks) for s in seqs)
+        tables = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
+        seq_lens = [s.start + len(s.tokens) for s in seqs]
+        paged = attention.PagedBatch(
+            slot_mapping=_to(self.device, slots),
+            block_tables=_to(self.device, tables, torch.int32),
+            seq_lens=_to(self.device, seq_lens, torch.int32),
+            query_start=_to(self.device, starts, torch.int32),
+            max_query_len=max(lengths),
+            max_seq_len=max(seq_lens),
+            caches=self.cache.layers,
+            seq_lens_host=seq_lens,
+            query_start_host=starts,
+            use_triton=self.use_triton,
+        )
+        return self._run(
+            _to(self.device, tokens)[None],
+            _to(self.device, positions)[None],
+            _to(self.device, [n - 1 for n in starts[1:]]),
+            paged,
+        )
+
+    def _run(
+        self, ids: Tensor, positions: Tensor, keep: Tensor, paged: attention.PagedBatch
+    ) -> Tensor:
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=keep,
+            paged=paged,
+        )
+        return out.logits[0].float()
+
+    # decode
+
+    @torch.inference_mode()
+    def decode(self, tokens: Tensor, seqs: list[SeqInput]) -> Tensor:
+        """One decode step: ``tokens`` (B,) on the device are each sequence's input (the
+        caller may pass the previous step's output without reading it back)."""
+        if not self.use_graphs or len(seqs) > self.max_batch:
+            return self.forward_tokens(tokens, seqs)
+        batch = len(seqs)
+        bucket = next(b for b in BATCH_BUCKETS if b >= batch and b <= self.max_batch)
+        graph = self._graphs.get(bucket) or self._capture(bucket)
+        graph.fill(tokens, seqs, self.cache.block_size, self.cache.scratch_slot)
+        graph.graph.replay()
+        return graph.logits[:batch]
+
+    def forward_tokens(self, tokens: Tensor, seqs: list[SeqInput]) -> Tensor:
+        """An eager decode step whose input tokens are already on the device."""
+        bs = self.cache.block_size
+        batch = len(seqs)
+        slots = [s.blocks[s.start // bs] * bs + s.start % bs for s in seqs]
+        width = max(len(s.blocks) for s in seqs)
+        seq_lens = [s.start + 1 for s in seqs]
+        starts = list(range(batch + 1))
+        paged = attention.PagedBatch(
+            slot_mapping=_to(self.device, slots),
+            block_tables=_to(
+                self.device, [s.blocks + [0] * (width - len(s.blocks)) for s in seqs], torch.int32
+            ),
+            seq_lens=_to(self.device, seq_lens, torch.int32),
+            query_start=_to(self.device, starts, torch.int32),
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            caches=self.cache.layers,
+            seq_lens_host=seq_lens,
+            query_start_host=starts,
+            use_triton=self.use_triton,
+        )
+        positions = _to(self.device, [s.start for s in seqs])
+        keep = torch.arange(batch, device=self.device)
+        return self._run(tokens[None], positions[None], keep, paged)
+
+    def capture_graphs(self, max_batch: int) -> None:
+        """Capture every bucket's decode step up to ``max_batch`` sequences now."""
+        self.max_batch = max_batch
+        if not self.use_graphs:
+            return
+        for bucket in BATCH_BUCKETS:
+            if bucket <= max_batch:
+                self._capture(bucket)
+        log.info(
+            "captured %d decode graphs (batch sizes %s)", len(self._graphs), sorted(self._graphs)
+        )
+
+    def _capture(self, bucket: int) -> _Graph:
+        dev = self.device
+        static = _Graph(
+            graph=torch.cuda.CUDAGraph(),
+            tokens=torch.zeros(bucket, dtype=torch.long, device=dev),
+            positions=torch.zeros(bucket, dtype=torch.long, device=dev),
+            paged=attention.PagedBatch(
+                slot_mapping=torch.full(
+                    (bucket,), self.cache.scratch_slot, dtype=torch.long, device=dev
+                ),
+                block_tables=torch.zeros(bucket, self.max_blocks, dtype=torch.int32, device=dev),
+                seq_lens=torch.zeros(bucket, dtype=torch.int32, device=dev),
+                query_start=torch.arange(bucket + 1, dtype=torch.int32, device=dev),
+                max_query_len=1,
+                max_seq_len=self.max_len,
+                caches=self.cache.layers,
+                use_triton=self.use_triton,
+            ),
+            keep=torch.arange(bucket, device=dev),
+            logits=None,  # type: ignore[arg-type]
+        )
+        # warm up (Triton compiles, cuBLAS picks its kernels) outside the capture
+        static.paged.seq_lens.fill_(1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run(static.tokens[None], static.positions[None], static.keep, static.paged)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.inference_mode(), torch.cuda.graph(static.graph):
+            static.logits = self._run(
+                static.tokens[None], static.positions[None], static.keep, static.paged
+            )
+        self._graphs[bucket] = static
+        return static
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    tokens: Tensor
+    positions: Tensor
+    paged: attention.PagedBatch
+    keep: Tensor
+    logits: Tensor
+
+    def fill(self, tokens: Tensor, seqs: list[SeqInput], block_size: int, scratch: int) -> None:
+        batch, rows = len(seqs), self.tokens.shape[0]
+        width = max(len(s.blocks) for s in seqs)
+        pad = rows - batch
+        host = torch.zeros(4 * rows + rows * width, dtype=torch.long)
+        host[:batch] = torch.tensor([s.start for s in seqs])
+        host[rows : rows + batch] = torch.tensor(
+            [s.blocks[s.start // block_size] * block_size + s.start % block_size for s in seqs]
+        )
+        host[rows + batch : 2 * rows] = scratch
+        host[2 * rows : 2 * rows + batch] = host[:batch] + 1
+        table = host[4 * rows :].view(rows, width)
+        table[:batch] = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs])
+        dev = host.to(self.tokens.device, non_blocking=True)
+        self.tokens[:batch].copy_(tokens[:batch])
+        if pad:
+            self.tokens[batch:].zero_()
+        self.positions.copy_(dev[:rows])
+        self.paged.slot_mapping.copy_(dev[rows : 2 * rows])
+        self.paged.seq_lens.copy_(dev[2 * rows : 3 * rows])
+        self.paged.block_tables[:, :width].copy_(dev[4 * rows :].view(rows, width))
+
+
+def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> Tensor:  # type: ignore[type-arg]
+    """A small host list on the device without waiting for the device's queue."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
