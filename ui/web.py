@@ -22,6 +22,18 @@ footer { display: none !important; }
 """
 
 
+# Gradio's default theme serves Source Sans Pro at weights 400 and 600, and its 600 file
+# (SourceSansPro-SemiBold.woff2, 5 KB) holds only a few glyphs: text at 600 (buttons, labels)
+# got an "A" or "B" from it and every other letter from a fallback font. The 700 file is
+# whole, and a browser renders 600 with the next heavier face.
+FONT = (
+    gr.themes.LocalFont("Source Sans Pro", weights=(400, 700)),
+    "ui-sans-serif",
+    "system-ui",
+    "sans-serif",
+)
+
+
 @dataclass
 class UISettings:
     api_url: str = "http://127.0.0.1:8000/v1"
@@ -66,7 +78,7 @@ def create_app(settings: UISettings) -> FastAPI:
         def to_ui() -> RedirectResponse:
             return RedirectResponse(f"{path}/")
 
-    theme = gr.themes.Default(primary_hue="indigo")
+    theme = gr.themes.Default(primary_hue="indigo", font=FONT)
     return gr.mount_gradio_app(
         app,
         build_blocks(settings),

@@ -94,3 +94,41 @@ def test_status_tab_shows_workers_and_refreshes(stack, page: Page) -> None:
     models = page.page.locator("#status-models")
     expect(models.get_by_test_id("cell-1-0")).to_have_text("fake-b", timeout=20_000)
     page.shot("status")
+
+
+# The width of each text in the button's first font, with two different fallbacks: equal
+# when that font has every glyph, different when some letters come from the fallback.
+FALLBACK_WIDTHS = """async ([texts, weight, size, family]) => {
+  const ctx = document.createElement('canvas').getContext('2d');
+  const widths = {};
+  for (const text of texts) {
+    await document.fonts.load(`${weight} ${size} ${family}`, text);
+    const width = (fallback) => {
+      ctx.font = `${weight} ${size} ${family}, ${fallback}`;
+      return ctx.measureText(text).width;
+    };
+    widths[text] = [width('monospace'), width('serif')];
+  }
+  return widths;
+}"""
+
+
+def test_vote_buttons_render_in_one_font(stack, page: Page) -> None:
+    """Bug: the vote buttons' "A", "B" (of "A is better", "Both are bad") were in another
+    font than the rest of their text. Gradio's theme serves Source Sans Pro at weight 600,
+    the buttons' weight, from a 5 KB file of a few glyphs; every other letter fell back to
+    the system font. The UI now serves weights 400 and 700 (whole files)."""
+    url = start_ui(stack)  # no API needed: the buttons are drawn before any answer
+    open_tab(page, url, "Arena")
+    buttons = page.page.locator("[id^=arena-vote-]")
+    buttons.first.wait_for()
+    style = buttons.first.evaluate(
+        "e => { const s = getComputedStyle(e);"
+        " return [s.fontWeight, s.fontSize, s.fontFamily.split(',')[0]]; }"
+    )
+    assert "Source Sans Pro" in style[2]
+    texts = [*buttons.all_inner_texts(), "Send", "Stop"]
+    widths = page.page.evaluate(FALLBACK_WIDTHS, [texts, *style])
+    page.shot("arena-vote-buttons")
+    for text, (with_mono, with_serif) in widths.items():
+        assert with_mono == with_serif, f"{text!r} at {style}: some glyphs come from a fallback"
