@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
 from .conftest import DEMO_MODEL
+from .openai_errors import assert_error
 from .stack import Stack
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -246,3 +248,41 @@ def test_stop_string_partial_match_is_released(
     (text,), (finish,) = _texts(chunks)
     assert text == full
     assert finish == "stop"
+
+
+# models
+
+
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    """Bug: GET /v1/models/{id} was a 404, so client.models.retrieve() failed."""
+    model = client.models.retrieve(DEMO_MODEL)
+    assert (model.id, model.object, model.owned_by) == (DEMO_MODEL, "model", "tokenrelay")
+    assert model.created > 0
+    (listed,) = [m for m in client.models.list().data if m.id == DEMO_MODEL]
+    assert model.model_dump() == listed.model_dump()  # max_model_len and workers too
+
+
+def test_models_retrieve_names_with_slashes_unknown_ids_and_keys(stack: Stack) -> None:
+    stack.api("--api-keys", "k1")
+    stack.fake_worker("--model-names", "org/Fake-1.5,plain")
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="k1", max_retries=0, timeout=60)
+    for name in ("org/Fake-1.5", "plain"):
+        model = client.models.retrieve(name)  # the client sends "/" as %2F
+        assert (model.id, model.object) == (name, "model")
+        assert model.model_extra == {"max_model_len": 4096, "workers": 1}
+    r = httpx.get(
+        f"{stack.url}/v1/models/org/Fake-1.5", headers={"Authorization": "Bearer k1"}, timeout=30
+    )
+    assert r.status_code == 200 and r.json()["id"] == "org/Fake-1.5", r.text
+
+    for unknown in ("nope", "org/nope", "org"):
+        with pytest.raises(openai.NotFoundError) as exc:
+            client.models.retrieve(unknown)
+        assert exc.value.code == "model_not_found"
+        assert unknown in str(exc.value)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{stack.url}/v1", api_key="wrong", max_retries=0).models.retrieve(
+            "plain"
+        )
+    assert_error(httpx.get(f"{stack.url}/v1/models/plain", timeout=30), 401, "invalid_api_key")
+    client.close()
