@@ -77,6 +77,7 @@ class Delivery:
     entry_id: str
     payload: str  # the job's JSON
     attempt: int  # 1 for a first delivery
+    reclaimed: bool = False  # claimed from a worker whose heartbeat lapsed
 
 
 class JobConsumer:
@@ -153,7 +154,7 @@ class JobConsumer:
             keys=[self.keys.jobs(model)],
             args=[GROUP, self.consumer, self.keys.alive_prefix(model), count, max(scan, count)],
         )
-        return [Delivery(model, entry_id, job, int(n)) for entry_id, job, n in rows]
+        return [Delivery(model, entry_id, job, int(n), reclaimed=True) for entry_id, job, n in rows]
 
     async def hand_back(self, model: str, entry_ids: list[str]) -> None:
         """Give read jobs back to the group at once (a stopping worker's unstarted or

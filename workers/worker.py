@@ -207,6 +207,8 @@ class Worker:
         job.params = with_defaults(job.params, self.engine.sampling_defaults)
         self.jobs[delivery.entry_id] = job
         bind_request_id(job.request_id or job.id)  # this job's task: its log records
+        if delivery.reclaimed:
+            log.warning("reclaimed job %s from a dead worker", delivery.entry_id)
         publisher = ChunkPublisher(
             self.redis,
             self.keys,
@@ -388,8 +390,7 @@ class Worker:
                 log.warning("reclaim failed: %s", exc)
                 continue
             for delivery in claimed:
-                log.warning("reclaimed job %s from a dead worker", delivery.entry_id)
-                self._start(delivery)
+                self._start(delivery)  # logged by the job's task, under its request id
                 started += 1
         return started
 
