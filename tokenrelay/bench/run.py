@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> None:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     workload = Workload(args.prompt_len, args.output_len, args.profile)
-    label = args.label or args.model_path
     rows: list[dict[str, object]] = []
     modes = args.modes.split(",")
     if "engine" in modes or "baseline" in modes:
@@ -73,8 +72,9 @@ def run(args: argparse.Namespace) -> None:
     if "http" in modes:
         for c in levels:
             rows.append(_measure_http(args.api_url, args.model_name, workload, c, args, "http"))
+            rows[-1]["model"] = args.label or args.model_name  # what it measured, not --model-path
     for row in rows:
-        row["model"] = label
+        row.setdefault("model", args.label or args.model_path)
     out = Path(args.out)
     out.write_text(json.dumps(rows, indent=2))
     out.with_suffix(".md").write_text(markdown(rows) + "\n")
