@@ -25,6 +25,7 @@ from .conftest import DEMO_MODEL
 from .stack import Stack
 
 FAKE = "fake"
+HANG_GUARD_S = 60.0  # only against a hang: nothing below asserts the machine's speed
 
 
 def chat(model: str, max_tokens: int, stream: bool = True, **extra: object) -> dict:
@@ -57,22 +58,18 @@ def read_some(client: httpx.Client, body: dict, events: int) -> str:
     return rid
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
-) -> float:
-    """Poll ``predicate``; returns how long it took."""
+def wait_until(predicate: Callable[[], bool], what: str, interval: float = 0.02) -> None:
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
+    while time.monotonic() - started < HANG_GUARD_S:
         if predicate():
-            return time.monotonic() - started
+            return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {HANG_GUARD_S}s waiting for {what}")
 
 
-def assert_log_stops_growing(r: redis.Redis, log_key: str, closed_at: float) -> int:
-    """Nothing is added to the chunk log later than 1 s after the hang-up."""
+def assert_log_stops_growing(r: redis.Redis, log_key: str) -> int:
+    """Nothing is added to the chunk log once the worker has acked the cancelled job."""
     assert r.exists(log_key)
-    time.sleep(max(0.0, closed_at + 1.0 - time.monotonic()))
     settled = r.xlen(log_key)
     time.sleep(0.6)  # many token intervals of the fake engine and of the CPU model
     assert r.xlen(log_key) == settled, "the worker went on generating after the hang-up"
@@ -90,14 +87,12 @@ def test_disconnect_stops_the_fake_worker(stack: Stack, sync_redis: redis.Redis)
     worker = stack.fake_worker("--fake-token-delay", "0.05")
     with httpx.Client(base_url=stack.url, timeout=30) as client:
         rid = read_some(client, chat(FAKE, 400), events=5)
-        closed_at = time.monotonic()
 
-        # the job is acked (and deleted) soon after the hang-up
-        took = wait_until(lambda: sync_redis.xlen(keys.jobs(FAKE)) == 0, 1.0, "the job's ack")
-        assert took < 1.0
+        # the job is acked (and deleted) after the hang-up
+        wait_until(lambda: sync_redis.xlen(keys.jobs(FAKE)) == 0, "the job's ack")
         assert sync_redis.exists(keys.cancel(FAKE, rid))
-        final = assert_log_stops_growing(sync_redis, keys.chunk_log(FAKE, rid), closed_at)
-        assert final < 5 + 40  # 400 tokens were asked for; it stopped within ~1 s of 20 tokens/s
+        final = assert_log_stops_growing(sync_redis, keys.chunk_log(FAKE, rid))
+        assert final < 400  # 400 tokens were asked for (20 s of them): it stopped early
         assert sync_redis.xpending(keys.jobs(FAKE), GROUP)["pending"] == 0
         assert not sync_redis.exists(keys.result(FAKE, rid))  # it never finished
 
@@ -112,14 +107,12 @@ def test_disconnect_stops_the_real_model(model_stack: Stack, sync_redis: redis.R
     body = chat(DEMO_MODEL, 300, temperature=0.8, ignore_eos=True)
     with httpx.Client(base_url=model_stack.url, timeout=60) as client:
         rid = read_some(client, body, events=3)
-        closed_at = time.monotonic()
-    final = assert_log_stops_growing(sync_redis, keys.chunk_log(DEMO_MODEL, rid), closed_at)
-    assert final < 300
     wait_until(
         lambda: rid not in job_ids_in_stream(sync_redis, DEMO_MODEL, model_stack.prefix),
-        2.0,
         "the cancelled job's ack",
     )
+    final = assert_log_stops_growing(sync_redis, keys.chunk_log(DEMO_MODEL, rid))
+    assert final < 300
     assert not sync_redis.exists(keys.result(DEMO_MODEL, rid))
 
 
@@ -130,7 +123,7 @@ async def test_a_cancelled_queued_job_never_starts(
     keys = Keys(stack.prefix)
     stack.api()
     worker = stack.fake_worker("--fake-token-delay", "0.05", "--limit-worker-concurrency", "1")
-    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=HANG_GUARD_S) as client:
         # a long job holds the worker's only slot (headers come with its first chunk)
         long = await client.send(
             client.build_request("POST", "/v1/chat/completions", json=chat(FAKE, 400)),
@@ -147,7 +140,7 @@ async def test_a_cancelled_queued_job_never_starts(
                     stream=True,
                 )
             )
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + HANG_GUARD_S
             while len(ids := job_ids_in_stream(sync_redis, FAKE, stack.prefix)) < 2:
                 assert time.monotonic() < deadline, "the second job was never queued"
                 await asyncio.sleep(0.02)
@@ -159,7 +152,7 @@ async def test_a_cancelled_queued_job_never_starts(
                 await queued
 
             # the API notices the hang-up and sets the cancel key while the job is queued
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + HANG_GUARD_S
             while not sync_redis.exists(keys.cancel(FAKE, rid)):
                 assert time.monotonic() < deadline, "the queued job was not cancelled"
                 await asyncio.sleep(0.02)
@@ -167,7 +160,7 @@ async def test_a_cancelled_queued_job_never_starts(
         finally:
             await long.aclose()  # frees the slot: the worker now reads the cancelled job
 
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + HANG_GUARD_S
     while sync_redis.xlen(keys.jobs(FAKE)) != 0:
         assert time.monotonic() < deadline, "the cancelled job was never taken and dropped"
         await asyncio.sleep(0.02)
