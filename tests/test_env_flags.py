@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from tokenrelay.cli import COMMANDS, build_parser
-from tokenrelay.envflags import env_name, env_table, flag_actions, reads_env, subparsers
+from tokenrelay.envflags import (
+    EnvArgumentParser,
+    HelpFormatter,
+    env_name,
+    env_table,
+    flag_actions,
+    reads_env,
+    subparsers,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -128,13 +136,16 @@ def test_help_states_each_default_once_and_no_variable_for_help(command: str) ->
 
 
 def test_help_shows_a_default_a_variable_changed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The help text's own `(default 8)` follows TOKENRELAY_LIMIT_WORKER_CONCURRENCY."""
-    monkeypatch.setenv("TOKENRELAY_LIMIT_WORKER_CONCURRENCY", "12")
-    parser = subparsers(build_parser())["worker"]
-    parser.parse_known_args([])  # reads the variables, as parsing `worker --help` does
-    (action,) = [a for a in parser._actions if a.dest == "limit_worker_concurrency"]
-    text = _help_of(parser, action)
-    assert "(default: 12)" in text and "8" not in text
+    """A help text's own `(default 8)` shows the value TOKENRELAY_<FLAG> set; one in words
+    stays as written, with no second default after it."""
+    parser = EnvArgumentParser(prog="tokenrelay worker", formatter_class=HelpFormatter)
+    parser.add_argument("--slots", type=int, default=8, help="jobs at once (default 8)")
+    parser.add_argument("--name", help="a name (default: the folder's)")
+    monkeypatch.setenv("TOKENRELAY_SLOTS", "12")
+    parser.parse_known_args([])  # reads the variables, as parsing `--help` does
+    slots, name = (_help_of(parser, a) for a in parser._actions[1:])
+    assert slots.endswith("jobs at once (default: 12) [env: TOKENRELAY_SLOTS]"), slots
+    assert name.endswith("a name (default: the folder's) [env: TOKENRELAY_NAME]"), name
 
 
 def _readme_flag_tables() -> dict[str, dict[str, str]]:
