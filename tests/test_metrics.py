@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from .stack import Stack
+
+HANG_GUARD_S = 60.0  # only against a hang: nothing below asserts the machine's speed
 
 
 def _scrape(stack: Stack) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -57,25 +62,29 @@ def test_metrics_after_requests(stack: Stack) -> None:
     assert _value(s, "tokenrelay:redis_up") == 1
 
 
-def test_metrics_count_waiting_and_running(stack: Stack) -> None:
-    import concurrent.futures as cf
-    import time
-
+async def test_metrics_count_waiting_and_running(stack: Stack) -> None:
     stack.api()
     stack.fake_worker("--limit-worker-concurrency", "1", "--fake-token-delay", "0.1")
-    with cf.ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(_complete, stack, False, 20) for _ in range(3)]
-        deadline = time.monotonic() + 20
-        seen = None
-        while time.monotonic() < deadline:
-            s = _scrape(stack)
-            if _value(s, "tokenrelay:num_requests_waiting", model="fake") == 2:
-                seen = s
-                break
-            time.sleep(0.05)
-        for f in futures:
-            f.result()
-    assert seen is not None, "never saw 2 waiting"
+    # 120 s of tokens each: the one running holds the only slot past the hang guard, so
+    # "2 waiting" lasts until we hang up, not for a window the scrape has to catch.
+    body = {"model": "fake", "prompt": "hi", "max_tokens": 1200, "stream": True}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=HANG_GUARD_S) as client:
+        request = client.build_request("POST", "/v1/completions", json=body)
+        tasks = [asyncio.create_task(client.send(request, stream=True)) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + HANG_GUARD_S
+            while True:
+                seen = await asyncio.to_thread(_scrape, stack)
+                if _value(seen, "tokenrelay:num_requests_waiting", model="fake") == 2:
+                    break
+                assert time.monotonic() < deadline, "never saw 2 waiting"
+                await asyncio.sleep(0.05)
+        finally:  # hang up: the running job and the queued ones are cancelled
+            for task in tasks:
+                task.cancel()
+            for r in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(r, httpx.Response):
+                    await r.aclose()
     assert _value(seen, "tokenrelay:num_requests_running", model="fake") == 1
     assert _value(seen, "tokenrelay:queue_lag_seconds", model="fake") > 0
 
