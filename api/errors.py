@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -75,7 +76,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _counted(request, _from_validation(exc))
+        return _counted(request, _from_validation(exc, request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -102,16 +103,75 @@ def _counted(request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
-def _from_validation(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+def _from_validation(exc: RequestValidationError, request: Request) -> APIError:
+    errors = list(exc.errors())
+    if not errors:
+        return APIError(400, "Invalid request.", code="invalid_value")
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+    loc = _field_path(first.get("loc", ()))
     if first.get("type") == "missing" and not loc:
         return APIError(400, "The request needs a JSON body.", code="invalid_body")
-    param = ".".join(loc) or None
-    message = first.get("msg", "Invalid request")
-    message = message.removeprefix("Value error, ")
+    if first.get("type") == "model_attributes_type" and not loc:
+        return _body_not_an_object(first.get("input"), request)
+    loc, message, kind = _explain([e for e in errors if _field_path(e["loc"])[: len(loc)] == loc])
+    param = _param(loc) or None
     where = f" ('{param}')" if param else ""
-    code = "unsupported_value" if first.get("type") == "unsupported_value" else "invalid_value"
+    code = "unsupported_value" if kind == "unsupported_value" else "invalid_value"
     return APIError(400, f"{message}{where}", code=code, param=param)
+
+
+def _is_union_tag(part: str) -> bool:
+    """Whether a pydantic error location part names a member of a union (``str``,
+    ``list[TextPart]``, ``function-after[...]``, a model class) rather than a field: the
+    request fields are all lower-case names."""
+    return not part.isidentifier() or part[:1].isupper() or part in _TYPE_NAMES
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "bytes", "dict", "list", "none"}
+
+
+def _field_path(loc: tuple[int | str, ...] | list[int | str]) -> tuple[int | str, ...]:
+    """The location of an error in the request body, without "body" and union tags."""
+    return tuple(
+        p for p in loc if isinstance(p, int) or (p != "body" and not _is_union_tag(str(p)))
+    )
+
+
+def _param(path: tuple[int | str, ...]) -> str:
+    """OpenAI's way of naming a field: ``messages[0].content``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text
+
+
+def _explain(errors: list[Any]) -> tuple[tuple[int | str, ...], str, str]:
+    """Where and what, from the errors of one field. A union reports one error per member:
+    the member matching the value's type complains about the value itself (a list too long,
+    an item wrong), which says more than the others' type mismatches; when every member
+    only rejects the type, their wishes are joined ("a valid string or a valid list")."""
+    about_value = [e for e in errors if not str(e["type"]).endswith("_type")]
+    if about_value:
+        best = about_value[0]
+        message = str(best["msg"]).removeprefix("Value error, ")
+        return _field_path(best["loc"]), message, str(best["type"])
+    wanted = " or ".join(
+        dict.fromkeys(str(e["msg"]).removeprefix("Input should be ") for e in errors)
+    )
+    return _field_path(errors[0]["loc"]), f"Input should be {wanted}", str(errors[0]["type"])
+
+
+def _body_not_an_object(body: object, request: Request) -> APIError:
+    if isinstance(body, bytes):  # FastAPI parses JSON only when the content type says so
+        content_type = request.headers.get("content-type")
+        got = f"Content-Type '{content_type}'" if content_type else "no Content-Type header"
+        message = (
+            "The request body must be JSON sent with 'Content-Type: application/json'; this "
+            f"request has {got}."
+        )
+    else:
+        kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(body), "a number")
+        message = f"The request body must be a JSON object, not {kind}."
+    return APIError(400, message, code="invalid_body")

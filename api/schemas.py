@@ -23,6 +23,14 @@ def not_supported(what: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_value", message)
 
 
+_PART_NAMES = {
+    "image_url": "image",
+    "input_image": "image",
+    "input_audio": "audio",
+    "file": "file",
+}
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -34,6 +42,22 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: object) -> object:
+        """An image, audio or file part gets a 400 that says so, not "Input should be 'text'"
+        about a union member: the engines serve text models."""
+        for part in v if isinstance(v, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                what = _PART_NAMES.get(kind, f"'{kind}'")
+                raise PydanticCustomError(
+                    "unsupported_value",
+                    f"{what} content parts are not supported by this text model; send text "
+                    'parts ({"type": "text", "text": ...}) only',
+                )
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -157,6 +181,28 @@ class CompletionRequest(_Common):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
     logprobs: bool | int | None = None  # legacy: an int, the alternatives per token
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_text_prompt(cls, v: object) -> object:
+        """OpenAI also takes several prompts, or token ids; a job carries one text prompt,
+        so those get a 400 naming what is missing (not a union member's type error)."""
+        if not isinstance(v, list):
+            return v
+        if not v:
+            raise PydanticCustomError("invalid_value", "prompt must not be an empty list")
+        if all(isinstance(p, int | list) and not isinstance(p, bool) for p in v):
+            raise PydanticCustomError(
+                "unsupported_value",
+                "prompt as token ids is not supported by tokenrelay; send the prompt as text",
+            )
+        if len(v) > 1:
+            raise PydanticCustomError(
+                "unsupported_value",
+                f"prompt as a list of {len(v)} prompts is not supported by tokenrelay yet; "
+                "send one request per prompt (a list of one string works)",
+            )
+        return v
 
     @field_validator("echo")
     @classmethod

@@ -36,7 +36,14 @@ def redis_down(exc: Exception) -> APIError:
 
 def error_from(info: ErrorInfo) -> APIError:
     retry = 2.0 if info.status in (429, 503) else None
-    exc = APIError(info.status, info.message, type=info.type, code=info.code, retry_after=retry)
+    exc = APIError(
+        info.status,
+        info.message,
+        type=info.type,
+        code=info.code,
+        param=info.param,
+        retry_after=retry,
+    )
     exc.counted = True  # by the request's timer, when the chunk arrived
     return exc
 

@@ -92,6 +92,7 @@ class ErrorInfo(BaseModel):
     type: str = "server_error"
     code: str | None = None
     status: int = 500
+    param: str | None = None  # the request field at fault; an older API ignores it
 
 
 class Chunk(Message):

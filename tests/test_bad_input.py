@@ -6,6 +6,7 @@ must turn each status into its matching exception class.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,8 +41,6 @@ def _client(stack: Stack, api_key: str = "EMPTY") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
-
-
 def _post(stack: Stack, path: str, **kw: Any) -> httpx.Response:
     return httpx.post(f"{stack.url}{path}", timeout=60, **kw)
 
@@ -60,8 +59,8 @@ def _stream_status(stack: Stack, path: str, body: dict[str, Any]) -> httpx.Respo
     ("change", "param"),
     [
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-        ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role"),
         ({"messages": "hi"}, "messages"),
         ({"temperature": 3}, "temperature"),
         ({"temperature": -0.5}, "temperature"),
@@ -184,6 +183,113 @@ def test_missing_body(fake_stack: Stack, path: str) -> None:
 def test_body_not_an_object(fake_stack: Stack) -> None:
     for body in ([], "hello", 3, None):
         assert_error(_post(fake_stack, "/v1/chat/completions", json=body), 400)
+    for body, kind in (([], "an array"), ("hello", "a string"), (3, "a number")):
+        r = _post(fake_stack, "/v1/chat/completions", json=body)
+        err = assert_error(r, 400, "invalid_body")
+        assert err["message"] == f"The request body must be a JSON object, not {kind}.", err
+
+
+@pytest.mark.parametrize(
+    ("headers", "said"),
+    [
+        ({"content-type": "application/x-www-form-urlencoded"}, "'application/x-www-form"),
+        ({"content-type": "text/plain"}, "'text/plain'"),
+        ({}, "no Content-Type header"),
+    ],
+)
+def test_json_body_without_json_content_type(
+    fake_stack: Stack, headers: dict[str, str], said: str
+) -> None:
+    """Bug: a JSON body sent as a form (curl -d without -H) or with no Content-Type got
+    "Input should be a valid dictionary or object to extract fields from". Now the error
+    names the content type."""
+    raw = json.dumps(CHAT).encode()
+    r = _post(fake_stack, "/v1/chat/completions", content=raw, headers=headers)
+    err = assert_error(r, 400, "invalid_body")
+    assert "Content-Type: application/json" in err["message"], err
+    assert said in err["message"], err
+    assert err["param"] is None
+    ok = {"content-type": "application/json; charset=utf-8"}
+    assert _post(fake_stack, "/v1/chat/completions", content=raw, headers=ok).status_code == 200
+
+
+# param names: the field in OpenAI's style, never a pydantic union member (".str",
+# ".list[...]", "function-after[...]")
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+CMPL, CHAT_PATH = "/v1/completions", "/v1/chat/completions"
+
+
+def _content(*parts: object, before: int = 0) -> dict[str, Any]:
+    """A chat change whose message number ``before`` holds these content parts."""
+    return {"messages": [*HELLO * before, {"role": "user", "content": list(parts)}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "code", "param", "said"),
+    [
+        (CMPL, {"prompt": ["a", "b"]}, "unsupported_value", "prompt", "list of 2 prompts"),
+        (CMPL, {"prompt": [1, 2]}, "unsupported_value", "prompt", "token ids is not supported"),
+        (CMPL, {"prompt": [[1, 2]]}, "unsupported_value", "prompt", "token ids is not supported"),
+        (CMPL, {"prompt": []}, "invalid_value", "prompt", "must not be an empty list"),
+        (CMPL, {"prompt": 3}, "invalid_value", "prompt", "a valid string or a valid list"),
+        (CHAT_PATH, {"stop": 5}, "invalid_value", "stop", "a valid string or a valid list"),
+        (CHAT_PATH, {"stop": ["a"] * 5}, "invalid_value", "stop", "at most 4"),
+        (
+            CHAT_PATH,
+            {"messages": [{"role": "user", "content": {"a": 1}}]},
+            "invalid_value",
+            "messages[0].content",
+            "a valid string or a valid list",
+        ),
+        (
+            CHAT_PATH,
+            _content({"type": "text"}),
+            "invalid_value",
+            "messages[0].content[0].text",
+            "Field required",
+        ),
+        (
+            CHAT_PATH,
+            _content({"type": "text", "text": "What is this?"}, IMAGE, before=1),
+            "unsupported_value",
+            "messages[1].content",
+            "image content parts are not supported by this text model",
+        ),
+        (
+            CHAT_PATH,
+            _content({"type": "input_audio", "input_audio": {}}),
+            "unsupported_value",
+            "messages[0].content",
+            "audio content parts are not supported by this text model",
+        ),
+    ],
+)
+def test_params_name_the_field_not_a_union_member(
+    fake_stack: Stack, path: str, change: dict[str, Any], code: str, param: str, said: str
+) -> None:
+    """Bug: prompt ["a", "b"] answered "Input should be a valid string ('prompt.str')" with
+    param prompt.str, and an image_url part param messages.0.content.str: pydantic's error
+    for the first member of a union, not for the field and what is wrong with it."""
+    base = COMPLETION if path == CMPL else CHAT
+    for stream in (False, True):
+        body = {**base, **change, "stream": stream}
+        err = assert_error(_post(fake_stack, path, json=body), 400, code)
+        assert err["param"] == param, err
+        assert said in err["message"], err
+        assert f"('{param}')" in err["message"], err
+
+
+def test_image_part_through_the_client(fake_stack: Stack) -> None:
+    content = [{"type": "text", "text": "What is this?"}, IMAGE]
+    with pytest.raises(openai.BadRequestError) as exc:
+        _client(fake_stack).chat.completions.create(
+            model="fake",
+            messages=[{"role": "user", "content": content}],  # type: ignore[list-item, misc]
+        )
+    assert (exc.value.code, exc.value.param) == ("unsupported_value", "messages[0].content")
+    assert "image content parts are not supported by this text model" in str(exc.value)
 
 
 def test_unknown_route_and_method(fake_stack: Stack) -> None:
@@ -251,6 +357,8 @@ def test_real_model_context_overflow(model_stack: Stack, stream: bool) -> None:
     err = assert_error(r, 400, "context_length_exceeded")
     assert "maximum context length" in err["message"]
     assert str(context) in err["message"]
+    assert "in the messages" in err["message"], err
+    assert err["param"] == "messages", err
 
     # max_tokens alone at the context length: refused by the API before queueing
     r = _stream_status(model_stack, "/v1/chat/completions", {**body, "max_tokens": context})
@@ -259,12 +367,19 @@ def test_real_model_context_overflow(model_stack: Stack, stream: bool) -> None:
 
 
 def test_real_model_completion_context_overflow(model_stack: Stack) -> None:
+    """Bug: a completion's overflow said "(10001 in the messages, ...)" with param null;
+    it names the prompt now, in the message and in ``param``."""
     context = _context(model_stack, DEMO_MODEL)
     body = {"model": DEMO_MODEL, "prompt": "once upon a time " * 10, "max_tokens": context - 5}
+    too_long = {"model": DEMO_MODEL, "prompt": "hello " * (context + 10), "max_tokens": 1}
     for stream in (False, True):
-        r = _stream_status(model_stack, "/v1/completions", {**body, "stream": stream})
-        err = assert_error(r, 400, "context_length_exceeded")
-        assert str(context) in err["message"]
+        for b in (body, too_long):
+            r = _stream_status(model_stack, "/v1/completions", {**b, "stream": stream})
+            err = assert_error(r, 400, "context_length_exceeded")
+            assert str(context) in err["message"]
+            assert "in the prompt" in err["message"], err
+            assert "length of the prompt" in err["message"], err
+            assert err["param"] == "prompt", err
 
 
 def test_n_beyond_worker_slots(stack: Stack) -> None:

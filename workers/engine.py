@@ -20,9 +20,10 @@ from tokenrelay.queueing.messages import ChoiceDelta, Job
 class InvalidRequest(ValueError):
     """The job cannot run as asked (prompt too long, ...): the client gets a 400."""
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param  # the request field at fault
 
 
 @dataclass
@@ -148,11 +149,13 @@ def max_tokens_for(job: Job, prompt_len: int, max_context: int) -> int:
     room = max_context - prompt_len
     asked = job.params.max_tokens
     if room <= 0 or (asked is not None and asked > room):
+        field = "prompt" if job.kind == "completion" else "messages"
         raise InvalidRequest(
             f"This model's maximum context length is {max_context} tokens. However, you "
-            f"requested {prompt_len + (asked or 0)} tokens ({prompt_len} in the messages, "
-            f"{asked or 0} in the completion). Please reduce the length of the messages or "
+            f"requested {prompt_len + (asked or 0)} tokens ({prompt_len} in the {field}, "
+            f"{asked or 0} in the completion). Please reduce the length of the {field} or "
             "completion.",
             code="context_length_exceeded",
+            param=field,
         )
     return asked if asked is not None else room

@@ -311,7 +311,11 @@ class Worker:
         except InvalidRequest as exc:
             await publisher.send(
                 error=ErrorInfo(
-                    message=str(exc), type="invalid_request_error", code=exc.code, status=400
+                    message=str(exc),
+                    type="invalid_request_error",
+                    code=exc.code,
+                    status=400,
+                    param=exc.param,
                 )
             )
             return
