@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import signal
 import subprocess
 import time
@@ -12,22 +15,42 @@ import httpx
 import psutil
 import pytest
 
+from tokenrelay import runtime
+from tokenrelay.cli import build_parser
 from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import free_port
+from tokenrelay.serve import banner
 
 from .conftest import DEMO_MODEL
 from .stack import Stack
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, demo_model: Path):  # type: ignore[no-untyped-def]
+def run_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of this module's serve and of the commands that look for it: a
+    runtime folder of its own, so no other serve on this machine is found."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return {**os.environ, "TOKENRELAY_RUNTIME_DIR": str(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, run_env):  # type: ignore[no-untyped-def]
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     out = open(log, "wb")
+    # Started the way a shell starts `tokenrelay serve &`: SIGINT ignored (inherited), and
+    # in a process group of its own, to be signalled as a whole like a terminal's Ctrl-C.
     proc = subprocess.Popen(
         [*tokenrelay_argv(), "serve", "--port", str(port)],
         stdout=out,
         stderr=subprocess.STDOUT,
+        env=run_env,
+        preexec_fn=_ignore_sigint,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -62,22 +85,16 @@ def test_serve_prints_url_and_answers(served) -> None:  # type: ignore[no-untype
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
 
-def test_chat_cli_streams_and_resets(served) -> None:  # type: ignore[no-untyped-def]
-    url, _, _ = served
+def test_chat_cli_streams_and_resets(served, run_env) -> None:  # type: ignore[no-untyped-def]
+    """With no --api-url: chat finds serve's API in serve's runtime file."""
     session = "What is the capital of France?\n!!reset\nWhat is the capital of France?\n!!exit\n"
     done = subprocess.run(
-        [
-            *tokenrelay_argv(),
-            "chat",
-            "--api-url",
-            f"{url}/v1",
-            "--temperature",
-            "0",
-        ],
+        [*tokenrelay_argv(), "chat", "--temperature", "0"],
         input=session,
         capture_output=True,
         text=True,
         timeout=120,
+        env=run_env,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Paris") == 2, done.stdout
@@ -152,14 +169,67 @@ def test_a_killed_api_is_started_again(served) -> None:  # type: ignore[no-untyp
     assert "the API exited" in log.read_text(errors="replace")
 
 
-def test_ctrl_c_stops_everything(served) -> None:  # type: ignore[no-untyped-def]
-    _, proc, _ = served
+def test_status_finds_serves_redis_with_no_flags(served, run_env) -> None:  # type: ignore[no-untyped-def]
+    """Bug (issue 10, item 3): `tokenrelay status` read redis://127.0.0.1:6379/0 and said
+    "cannot read Redis"; serve's Redis is on a free port, named in serve's runtime file."""
+    _, proc, log = served
+    (path,) = Path(run_env["TOKENRELAY_RUNTIME_DIR"]).iterdir()
+    info = json.loads(path.read_text())
+    assert info["pid"] == proc.pid and info["model"] == DEMO_MODEL
+    assert f"Redis: {info['redis_url']}" in log.read_text()
+    done = subprocess.run(
+        [*tokenrelay_argv(), "status"], capture_output=True, text=True, timeout=60, env=run_env
+    )
+    assert done.returncode == 0, done.stderr
+    assert DEMO_MODEL in done.stdout and "1 workers" in done.stdout, done.stdout
+
+
+def test_the_banners_worker_line_adds_a_worker(served, run_env) -> None:  # type: ignore[no-untyped-def]
+    """The banner's `tokenrelay worker --redis-url ...` line, pasted, joins serve's Redis."""
+    _, proc, log = served
+    line = next(ln for ln in log.read_text().splitlines() if "tokenrelay worker" in ln)
+    argv = shlex.split(line)
+    assert argv[:4] == ["tokenrelay", "worker", "--redis-url", argv[3]]
+    worker = subprocess.Popen(
+        [*tokenrelay_argv(), *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            status = subprocess.run(
+                [*tokenrelay_argv(), "status", "--json"],
+                capture_output=True, text=True, timeout=60, env=run_env,
+            )  # fmt: skip
+            models = json.loads(status.stdout)["models"]
+            if models and models[0]["workers"] == 2:
+                break
+            assert worker.poll() is None and time.monotonic() < deadline, status.stdout
+            time.sleep(1)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+
+def test_ctrl_c_to_the_process_group_stops_everything_once(served, run_env) -> None:  # type: ignore[no-untyped-def]
+    """Bug (issue 10, item 2): started in the background, serve inherited SIGINT ignored and
+    relied on KeyboardInterrupt, so `kill -INT -- -PGID` stopped only its children, which
+    it started again ("the API exited (code 0); starting it again.") and it kept running.
+    Now the group's SIGINT stops everything once, with nothing started again, Redis last
+    (item 10a: no worker warnings about an unreachable Redis), and the runtime file gone."""
+    _, proc, log = served
     children = psutil.Process(proc.pid).children(recursive=True)
-    assert len(children) >= 3  # redis-server, worker, api
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0
+    names = " ".join(" ".join(p.cmdline()) for p in children)
+    assert all(word in names for word in ("redis-server", "worker", "api", " ui ")), names
+    before = log.read_text(errors="replace")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(90) == 0
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+    after = log.read_text(errors="replace")[len(before) :]
+    assert "starting it again" not in after, after
+    assert "redis unreachable" not in after and "heartbeat failed" not in after, after
+    assert after.count("Stopping ...") == 1, after
+    assert not list(Path(run_env["TOKENRELAY_RUNTIME_DIR"]).iterdir())
 
 
 def test_chat_cli_prints_no_http_log_lines(stack: Stack) -> None:
@@ -196,3 +266,27 @@ def test_api_access_log_leaves_out_probes(stack: Stack) -> None:
     text = api.output()
     assert "GET /v1/models" in text and "GET /nowhere" in text, text
     assert "GET /ready" not in text and "GET /health" not in text, text
+
+
+def test_the_banners_chat_line_carries_the_api_key(stack: Stack) -> None:
+    """Bug (issue 10, item 6): with `serve --api-keys`, the banner's curl line sent the key
+    but its `tokenrelay chat` line did not, and pasted it got a 401. Each line, pasted
+    against an API that wants the key, is answered."""
+    stack.api("--api-keys", "k1,k2")
+    stack.fake_worker()
+    args = build_parser().parse_args(["serve", "--api-keys", "k1,k2"])
+    info = runtime.ServeInfo(stack.redis_url, f"{stack.url}/v1", None, "fake", "/m/fake")
+    text = banner(args, info)
+    chat = next(ln for ln in text.splitlines() if "tokenrelay chat" in ln)
+    assert shlex.split(chat)[-2:] == ["--api-key", "k1"]
+    done = subprocess.run(
+        [*tokenrelay_argv(), *shlex.split(chat)[1:]],
+        input="hello\n!!exit\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "ASSISTANT: t0." in done.stdout, done.stdout + done.stderr
+    curl = text[text.index("curl ") : text.index("'\n")].replace("\\\n", "") + "'"
+    answer = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
+    assert json.loads(answer.stdout)["choices"][0]["message"]["content"], answer.stdout

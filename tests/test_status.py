@@ -139,3 +139,19 @@ def test_status_command_without_redis_says_so() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode != 0 and "cannot read Redis at redis://127.0.0.1:1/0" in out.stderr
+
+
+def test_status_watch_into_a_closed_pipe_exits_quietly(stack: Stack) -> None:
+    """Bug (issue 10, item 10c): `tokenrelay status --watch 1 | head` ended in a
+    BrokenPipeError traceback once head had its lines and left."""
+    stack.fake_worker()
+    proc = subprocess.Popen(
+        [*tokenrelay_argv(), "status", "--redis-url", stack.redis_url,
+         "--key-prefix", stack.prefix, "--watch", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert "MODEL" in "".join(proc.stdout.readline() for _ in range(3))
+    proc.stdout.close()  # what head does once it has its lines
+    assert proc.wait(30) == 128 + signal.SIGPIPE  # a shell's code for a closed pipe
+    assert proc.stderr.read() == ""

@@ -66,7 +66,11 @@ class EmbeddedRedis:
             "--appendfsync",
             "everysec",
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own process group: Ctrl-C (SIGINT to the terminal's group) reaches the workers
+        # and the API, which drain through this Redis; it is stopped last, by its owner.
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0
+        )
         client = redis.Redis(port=self.port, socket_timeout=1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

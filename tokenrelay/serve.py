@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -13,10 +14,13 @@ import time
 
 import httpx
 
+from . import runtime
 from .embedded_redis import EmbeddedRedis, free_port
 from .supervisor import Supervisor
 
 DEMO_QUESTION = "What is the capital of France?"
+# Greedy: at temperature 1 the demo model answered off topic 4 times in 4; at 0 it says Paris.
+DEMO_SAMPLING: dict[str, object] = {"temperature": 0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,11 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     children = Supervisor()
     redis = None
-
-    def shutdown(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, shutdown)
+    _stop_on_signals(children)
     try:
         if args.redis_url:
             redis_url = args.redis_url
@@ -84,13 +84,19 @@ def run(args: argparse.Namespace) -> None:
         )
         url = f"http://{_display_host(args.host)}:{args.port}"
         ui_url = None if args.no_ui else _start_ui(args, url, redis_url, children)
+        model = names.split(",")[0]
+        info = runtime.ServeInfo(
+            redis_url, f"{url}/v1", ui_url, model, model_path, started_at=time.time()
+        )
+        _publish(info, children, redis)
         wait_ready(url, children.popens, args.ready_timeout)
         if ui_url:
             wait_ready(ui_url, children.popens, 120, path="/")
-        _banner(url, names.split(",")[0], args.api_keys, ui_url)
+        print(banner(args, info), flush=True)
         while (reason := children.check()) is None:
             if redis:
                 _keep_redis_up(redis)
+            _publish(info, children, redis)
             time.sleep(0.5)
         print(f"tokenrelay serve: {reason}; stopping the rest.", file=sys.stderr)
         sys.exit(1)
@@ -98,8 +104,34 @@ def run(args: argparse.Namespace) -> None:
         print("\nStopping ...", file=sys.stderr)
     finally:
         children.stop()
+        runtime.remove(os.getpid())
+        # Redis last: the workers and the API still use it while they drain.
         if redis:
             redis.stop()
+
+
+def _stop_on_signals(children: Supervisor) -> None:
+    """SIGINT and SIGTERM stop serve whatever it inherited: a shell starts a background job
+    (`tokenrelay serve &`) with SIGINT ignored, and Python then raises no KeyboardInterrupt.
+    Only the first signal stops; a second one would cut the workers' drain short."""
+
+    def stop(*_: object) -> None:
+        if not children.stopping:
+            children.stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _publish(info: runtime.ServeInfo, children: Supervisor, redis: EmbeddedRedis | None) -> None:
+    """(Re)write the runtime file when a PID changed: a child or Redis started again."""
+    pids = {c.name: c.popen.pid for c in children.children}
+    if redis and redis.process:
+        pids["redis-server"] = redis.process.pid
+    if pids != info.pids:
+        info.pids = pids
+        runtime.write(info)
 
 
 def _keep_redis_up(redis: EmbeddedRedis) -> None:
@@ -191,20 +223,42 @@ def wait_ready(
     raise SystemExit(f"tokenrelay: not ready after {timeout:.0f}s")
 
 
-def _banner(url: str, model: str, keys: str | None, ui_url: str | None = None) -> None:
-    auth = f' -H "Authorization: Bearer {keys.split(",")[0]}"' if keys else ""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": DEMO_QUESTION}]})
-    ui_line = f"\n  Browser UI (chat, arena, status): {ui_url}/\n" if ui_url else ""
-    print(
-        f"""
-tokenrelay is ready at {url}/v1  (model: {model})
+def banner(args: argparse.Namespace, info: runtime.ServeInfo) -> str:
+    """What serve prints once ready: lines to paste, each working as it stands."""
+    key = args.api_keys.split(",")[0] if args.api_keys else None
+    auth = f' -H "Authorization: Bearer {key}"' if key else ""
+    body = json.dumps(
+        {
+            "model": info.model,
+            "messages": [{"role": "user", "content": DEMO_QUESTION}],
+            **DEMO_SAMPLING,
+        }
+    )
+    chat = ["tokenrelay", "chat", "--api-url", info.api_url, "--model", info.model]
+    worker = [
+        "tokenrelay",
+        "worker",
+        "--redis-url",
+        info.redis_url,
+        "--model-path",
+        info.model_path,
+    ]
+    if args.model_names:
+        worker += ["--model-names", args.model_names]
+    if args.device != "cpu":
+        worker += ["--device", args.device]
+    ui_line = f"\n  Browser UI (chat, arena, status): {info.ui_url}/\n" if info.ui_url else ""
+    return f"""
+tokenrelay is ready at {info.api_url}  (model: {info.model})
 
-  curl {url}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
+  curl {info.api_url}/chat/completions -H "Content-Type: application/json"{auth} \\
     -d '{body}'
 
-  tokenrelay chat --api-url {url}/v1 --model {model}
+  {shlex.join(chat + (["--api-key", key] if key else []))}
 {ui_line}
+Redis: {info.redis_url} (`tokenrelay status` finds it by itself). Another worker:
+
+  {shlex.join(worker)}
+
 Press Ctrl-C to stop.
-""",
-        flush=True,
-    )
+"""

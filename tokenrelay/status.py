@@ -1,15 +1,20 @@
 """`tokenrelay status`: models, queues and workers in a table, like `rq info`.
 
 It reads Redis directly (the same snapshot as the API's ``GET /v1/status``), so it works
-with no API running and needs no API key: only the Redis URL.
+with no API running and needs no API key: only the Redis URL, which by default it takes
+from the runtime file of the `tokenrelay serve` running here (see runtime.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
+import sys
 import time
 
+from tokenrelay import runtime
 from tokenrelay.queueing.connection import RedisSettings, connect
 from tokenrelay.queueing.status import Status, snapshot
 
@@ -21,7 +26,11 @@ WORKER_HEADER = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--redis-url",
+        help="the Redis the workers use (default: that of the `tokenrelay serve` running "
+        f"here, else {runtime.DEFAULT_REDIS_URL})",
+    )
     parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
     parser.add_argument(
         "--watch",
@@ -35,11 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    settings = RedisSettings(url=args.redis_url, prefix=args.key_prefix, max_connections=4)
+    url = runtime.redis_url(args.redis_url)
+    settings = RedisSettings(url=url, prefix=args.key_prefix, max_connections=4)
     try:
         asyncio.run(_show(settings, args.watch, args.json))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:
+        # `tokenrelay status --watch | head`: the reader left. Python's documented idiom:
+        # point stdout at devnull so the flush at exit fails no more, and exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 async def _show(settings: RedisSettings, watch: float | None, as_json: bool) -> None:
@@ -49,7 +65,10 @@ async def _show(settings: RedisSettings, watch: float | None, as_json: bool) -> 
             try:
                 status = await snapshot(redis, settings.keys)
             except Exception as exc:
-                message = f"tokenrelay status: cannot read Redis at {settings.url}: {exc}"
+                message = (
+                    f"tokenrelay status: cannot read Redis at {settings.url}: {exc} "
+                    "(pass --redis-url, or start `tokenrelay serve`, which this finds itself)"
+                )
                 raise SystemExit(message) from exc
             text = status.model_dump_json(indent=2) if as_json else render(status)
             if watch is None:

@@ -26,10 +26,12 @@ class Child:
 class Supervisor:
     """Children of `serve`, each started again when it exits: a worker's unfinished jobs are
     reclaimed by the live workers meanwhile, and the API and the UI keep no state. One that
-    keeps exiting (a crash loop) stops everything."""
+    keeps exiting (a crash loop) stops everything. Once stopping, an exit is the stop, not
+    a crash: a signal to serve's process group reaches the children too."""
 
     def __init__(self) -> None:
         self.children: list[Child] = []
+        self.stopping = False
 
     def start(self, name: str, *argv: str, env: dict[str, str] | None = None) -> Child:
         child = Child(name, list(argv), env, self._popen(list(argv), env))
@@ -44,7 +46,7 @@ class Supervisor:
         """Start exited children again; the reason to stop everything, if there is one."""
         for child in self.children:
             code = child.popen.poll()
-            if code is None:
+            if code is None or self.stopping:
                 continue
             now = time.monotonic()
             while child.restarts and child.restarts[0] < now - RESTART_WINDOW:
@@ -64,6 +66,7 @@ class Supervisor:
         return None
 
     def stop(self, grace: float = 35) -> None:
+        self.stopping = True
         for child in reversed(self.children):
             if child.popen.poll() is None:
                 child.popen.terminate()

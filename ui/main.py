@@ -6,16 +6,24 @@ import argparse
 import os
 import sys
 
+from tokenrelay import runtime
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument(
+        "--api-url",
+        help="the API's base URL (default: that of the `tokenrelay serve` running here, "
+        f"else {runtime.DEFAULT_API_URL})",
+    )
     parser.add_argument(
         "--api-key", help="key the UI sends to the API (default: $OPENAI_API_KEY, else EMPTY)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     parser.add_argument(
-        "--redis-url", help="Redis for the arena's votes (without it: kept in memory, lost on exit)"
+        "--redis-url",
+        help="Redis for the arena's votes (default: that of the `tokenrelay serve` running "
+        "here, else none: votes kept in memory, lost on exit)",
     )
     parser.add_argument("--root-path", default="", help="path prefix the UI is served under")
     parser.add_argument(
@@ -24,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the arena's votes from --redis-url to FILE as JSONL and exit",
     )
     parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
+
+
+def resolve_urls(args: argparse.Namespace) -> None:
+    """Fill what no flag nor variable gave from the `tokenrelay serve` running here."""
+    serve = runtime.running()
+    args.api_url = args.api_url or (serve.api_url if serve else runtime.DEFAULT_API_URL)
+    args.redis_url = args.redis_url or (serve.redis_url if serve else None)
 
 
 def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -41,6 +56,7 @@ def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> None:
+    resolve_urls(args)
     if args.export_votes:
         _export(args)
         return

@@ -11,9 +11,15 @@ import sys
 
 import httpx
 
+from tokenrelay import runtime
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument(
+        "--api-url",
+        help="the API's base URL (default: that of the `tokenrelay serve` running here, "
+        f"else {runtime.DEFAULT_API_URL})",
+    )
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
     parser.add_argument("--model", help="model name (default: the first one served)")
     parser.add_argument("--system", help="a system prompt")
@@ -24,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from openai import APIError, OpenAI
 
+    args.api_url = runtime.api_url(args.api_url)
     client = OpenAI(base_url=args.api_url, api_key=args.api_key, max_retries=1)
     try:
         model = args.model or client.models.list().data[0].id

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 
+from tokenrelay import runtime
 from tokenrelay.queueing.connection import RedisSettings, connect
 
 from .engine import Engine
@@ -48,7 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="jobs this worker runs at once (default 8)",
     )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--redis-url",
+        help="the Redis to take jobs from (default: that of the `tokenrelay serve` running "
+        f"here, else {runtime.DEFAULT_REDIS_URL})",
+    )
     parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
     parser.add_argument(
         "--heartbeat-interval",
@@ -218,7 +223,7 @@ def run(args: argparse.Namespace) -> None:
     )
     # Every running job publishes through the pool: size it past the concurrency.
     settings = RedisSettings(
-        url=args.redis_url,
+        url=runtime.redis_url(args.redis_url),
         prefix=args.key_prefix,
         max_connections=max(64, args.limit_worker_concurrency + 16),
     )

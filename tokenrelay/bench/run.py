@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import runtime
 from ..commands import tokenrelay_argv
 from .stats import markdown, summarize
 
@@ -41,8 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--profile", default="fixed", choices=["fixed", "mixed"])
-    parser.add_argument("--api-url", help="with mode http: the server's base URL (no /v1)")
-    parser.add_argument("--model-name", default="bench", help="with mode http: the model name")
+    parser.add_argument(
+        "--api-url",
+        help="with mode http: the server's base URL, no /v1 (default: that of the "
+        "`tokenrelay serve` running here, else http://127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--model-name",
+        help="with mode http: the model name (default: that `tokenrelay serve`'s, else bench)",
+    )
     parser.add_argument(
         "--client-procs",
         type=int,
@@ -63,6 +71,7 @@ def run(args: argparse.Namespace) -> None:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     workload = Workload(args.prompt_len, args.output_len, args.profile)
+    label = args.label or args.model_path
     rows: list[dict[str, object]] = []
     modes = args.modes.split(",")
     if "engine" in modes or "baseline" in modes:
@@ -70,15 +79,23 @@ def run(args: argparse.Namespace) -> None:
     if "stack" in modes:
         rows += _stack(args, levels, workload)
     if "http" in modes:
+        url, model = _http_target(args)
         for c in levels:
-            rows.append(_measure_http(args.api_url, args.model_name, workload, c, args, "http"))
-            rows[-1]["model"] = args.label or args.model_name  # what it measured, not --model-path
+            rows.append(_measure_http(url, model, workload, c, args, "http"))
     for row in rows:
-        row.setdefault("model", args.label or args.model_path)
+        row["model"] = label
     out = Path(args.out)
     out.write_text(json.dumps(rows, indent=2))
     out.with_suffix(".md").write_text(markdown(rows) + "\n")
     print(markdown(rows), flush=True)
+
+
+def _http_target(args: argparse.Namespace) -> tuple[str, str]:
+    """Mode http's URL and model: the flags, else the `tokenrelay serve` running here."""
+    serve = None if args.api_url else runtime.running()
+    if serve is None:
+        return args.api_url or "http://127.0.0.1:8000", args.model_name or "bench"
+    return serve.api_url.removesuffix("/v1"), args.model_name or serve.model
 
 
 def _log(message: str) -> None:
