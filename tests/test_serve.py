@@ -85,6 +85,19 @@ def test_serve_prints_url_and_answers(served) -> None:  # type: ignore[no-untype
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
 
+def test_the_banners_curl_answers_on_topic(served) -> None:  # type: ignore[no-untyped-def]
+    """Bug (issue 10, item 4): the banner's curl left the temperature at 1, and the demo
+    model answered it off topic 4 times in 4; pasted as printed, it now says Paris."""
+    _, _, log = served
+    text = log.read_text()
+    curl = text[text.index("curl ") : text.index("'\n", text.index("curl "))] + "'"
+    for _ in range(3):
+        done = subprocess.run(
+            shlex.split(curl.replace("\\\n", "")), capture_output=True, text=True, timeout=120
+        )
+        assert "Paris" in json.loads(done.stdout)["choices"][0]["message"]["content"]
+
+
 def test_chat_cli_streams_and_resets(served, run_env) -> None:  # type: ignore[no-untyped-def]
     """With no --api-url: chat finds serve's API in serve's runtime file."""
     session = "What is the capital of France?\n!!reset\nWhat is the capital of France?\n!!exit\n"
