@@ -21,6 +21,9 @@ from tokenrelay.embedded_redis import free_port
 from ..stack import Stack
 
 CHROMIUM = "/usr/bin/chromium"
+# Every wait in the browser (locators, wait_for_function, expect): a hang guard, not a claim
+# on how fast a shared 2-core machine renders. expect() alone would default to 5 s.
+UI_TIMEOUT_MS = 60_000
 SCREENSHOTS = Path("test-artifacts/screenshots")
 CHROMIUM_ARGS = [
     "--headless",
@@ -76,7 +79,7 @@ class Page:
         self.page = page
         self.hosts: set[str] = set()
         page.on("request", lambda r: self.hosts.add(urlparse(r.url).hostname or r.url))
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(UI_TIMEOUT_MS)
 
     def shot(self, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -98,6 +101,9 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def page(browser, request) -> Iterator[Page]:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = Page(context.new_page())
     yield page

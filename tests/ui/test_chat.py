@@ -79,8 +79,8 @@ def test_stop_cancels_the_job_on_the_worker(stack, page: Page, sync_redis) -> No
     wait_text(page, "t20.")  # 20 tokens in: the job is running on the worker
     assert worker_inflight(sync_redis, stack.prefix) == 1
     page.page.locator("#chat-stop").click()
-    stopped = time.monotonic()
-    while worker_inflight(sync_redis, stack.prefix) and time.monotonic() - stopped < 5:
+    stopped = time.monotonic()  # 60 s: a hang guard; the heartbeat reports inflight
+    while worker_inflight(sync_redis, stack.prefix) and time.monotonic() - stopped < 60:
         time.sleep(0.1)
     assert worker_inflight(sync_redis, stack.prefix) == 0, "the worker kept generating"
     before, shown = chunk_log_lengths(sync_redis, stack.prefix), chat_text(page)
