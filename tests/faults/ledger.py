@@ -94,6 +94,9 @@ class Summary:
     queued_then_started: int = 0  # queued at the hang-up, started before its cancel key was set
     max_queued_then_started_s: float | None = None  # hang-up to its chunk log's last entry
     violations: list[str] = field(default_factory=list)
+    # Speed targets missed (a p99, a slowdown, an exit time): the bench (run.py) fails on them,
+    # CI does not, since they measure the machine as much as the code.
+    slow: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         def f(v: float | None) -> str:
@@ -109,7 +112,8 @@ class Summary:
             f"queued_then_started={self.queued_then_started} leaked_keys={self.leaked_keys} "
             f"redelivered={self.redelivered} dead_lettered={self.dead_lettered} "
             f"max_latency={self.max_latency_s:.1f}s {self.notes or ''} "
-            f"elapsed={self.elapsed_s:.1f}s violations={len(self.violations)}"
+            f"elapsed={self.elapsed_s:.1f}s violations={len(self.violations)} "
+            f"slow={len(self.slow)}"
         )
 
     def write(self) -> Path:
@@ -177,7 +181,7 @@ def settle(outcomes: list[Outcome], s: Summary) -> None:
         s.violations.append("ledger does not balance")  # a bug in settle() itself
 
 
-async def check_redis(r: aioredis.Redis, prefix: str, s: Summary, timeout: float = 30) -> None:
+async def check_redis(r: aioredis.Redis, prefix: str, s: Summary, timeout: float = 120) -> None:
     """No pending job, an empty job stream, and a TTL on every per-request key."""
     keys = Keys(prefix)
     deadline = time.monotonic() + timeout

@@ -60,12 +60,14 @@ def main() -> int:
             print(summary.line(), flush=True)
             for v in summary.violations[:10]:
                 print(f"    ! {v}", flush=True)
+            for v in summary.slow[:10]:
+                print(f"    slow: {v}", flush=True)
             summaries.append(summary)
     finally:
         server.stop()
     print()
     print(table(summaries))
-    return 1 if any(s.violations for s in summaries) else 0
+    return 1 if any(s.violations or s.slow for s in summaries) else 0
 
 
 if __name__ == "__main__":

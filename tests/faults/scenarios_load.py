@@ -14,6 +14,8 @@ from ..stack import Process, Stack
 from .client import bounded, finish, http_client, loop_lag, redis_client, request
 from .ledger import MODEL, Outcome, Summary, check_redis, p99, settle
 
+HANG_GUARD_S = 60.0  # a hung-up request with no cancel or ack by then is a fault on any machine
+
 # ---------------------------------------------------------------------------------------------
 # 1. SIGKILL workers at random moments under load
 
@@ -97,11 +99,12 @@ async def disconnect_storm(stack: Stack, *, n: int, size: str, seed: int = 2) ->
         running = out.status == 200 or bool(
             await r.xpending_range(keys.jobs(MODEL), GROUP, eid, eid, 1)
         )
+        # Past 3 s a speed target is missed; only past the hang guard is the cancel lost.
         while not await r.exists(keys.cancel(MODEL, rid)):
-            if time.monotonic() > deadline:
+            if time.monotonic() > at + HANG_GUARD_S:
                 if await r.exists(keys.result(MODEL, rid)):
                     return  # it finished before the hang-up was noticed
-                s.violations.append(f"{rid}: no cancel key 3 s after the hang-up")
+                s.violations.append(f"{rid}: no cancel key {HANG_GUARD_S:.0f} s after the hang-up")
                 return
             await asyncio.sleep(0.01)
         in_stream = bool(await r.xrange(keys.jobs(MODEL), eid, eid))
@@ -114,14 +117,16 @@ async def disconnect_storm(stack: Stack, *, n: int, size: str, seed: int = 2) ->
         log = keys.chunk_log(MODEL, rid)
         at_wall = time.time() - (time.monotonic() - at)
         acked = None
-        while time.monotonic() < at + 3:
+        while time.monotonic() < at + HANG_GUARD_S:
             if not await r.xrange(keys.jobs(MODEL), eid, eid):
                 acked = time.monotonic()
                 break
             await asyncio.sleep(0.02)
         if acked is None:
-            s.violations.append(f"{rid}: not acked 3 s after the hang-up")
+            s.violations.append(f"{rid}: not acked {HANG_GUARD_S:.0f} s after the hang-up")
             return
+        if acked - at > 3:
+            s.slow.append(f"{rid}: acked {acked - at:.1f} s after the hang-up")
         await asyncio.sleep(0.3)
         last = await r.xrevrange(log, "+", "-", count=1)
         stopped = int(last[0][0].split("-")[0]) / 1000 if last else at_wall
@@ -201,9 +206,9 @@ async def disconnect_storm(stack: Stack, *, n: int, size: str, seed: int = 2) ->
     s.queued_then_started = len(raced)
     s.max_queued_then_started_s = max(raced, default=None)
     if raced and max(raced) > 5:
-        s.violations.append(f"a job queued at its hang-up ran until {max(raced):.1f}s after it")
+        s.slow.append(f"a job queued at its hang-up ran until {max(raced):.1f}s after it")
     if s.p99_cancel_latency_s is not None and s.p99_cancel_latency_s > 1.0:
-        s.violations.append(f"p99 cancel latency {s.p99_cancel_latency_s:.2f}s > 1s")
+        s.slow.append(f"p99 cancel latency {s.p99_cancel_latency_s:.2f}s > 1s")
     s.elapsed_s = time.monotonic() - started
     return s
 
@@ -266,7 +271,7 @@ async def overload(stack: Stack, *, n: int, size: str, seed: int = 9) -> Summary
     # driver_max_lag_s), so there it only has to stay under 500 ms.
     limit = 0.2 if size == "full" else 0.5
     if s.p99_reject_latency_s is not None and s.p99_reject_latency_s > limit:
-        s.violations.append(
+        s.slow.append(
             f"p99 429 latency {s.p99_reject_latency_s * 1000:.0f}ms > {limit * 1000:.0f}ms"
         )
     if s.errored:

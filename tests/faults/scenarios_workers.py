@@ -191,5 +191,5 @@ async def rolling_restart(stack: Stack, *, n: int, size: str, seed: int = 10) ->
         bool(o.error and o.error.get("code") == "server_shutting_down") for o in outcomes
     )
     if max(exits) > 8:
-        s.violations.append(f"a SIGTERMed process took {max(exits):.1f}s to exit")
+        s.slow.append(f"a SIGTERMed process took {max(exits):.1f}s to exit")
     return s

@@ -14,6 +14,7 @@ async def test_fault_scenario(stack: Stack, scenario: str) -> None:
     summary = await run(stack, n=sizes["small"], size="small")
     summary.write()
     print(summary.line())
+    print(*(f"slow: {v}" for v in summary.slow), sep="\n")  # speed targets: the bench's
     assert not summary.violations, "\n".join(summary.violations[:20])
     assert summary.lost == 0 and summary.duplicated == 0
     assert summary.accepted == summary.completed + summary.errored + summary.cancelled
