@@ -46,8 +46,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit-worker-concurrency",
         type=int,
-        default=8,
-        help="jobs this worker runs at once (default 8)",
+        default=None,
+        help="sequences this worker runs at once (default: 8 on CPU; with the paged engine "
+        "on a GPU, what its KV cache holds at 2,048 tokens a sequence, at most 256)",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="paged engine on a GPU: no torch.compile and no CUDA graphs (vLLM's flag): "
+        "starts faster, decodes slower",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of the GPU's memory the paged engine may fill: weights, activations "
+        "and the KV cache, which takes all that is left (vLLM's flag)",
     )
     parser.add_argument(
         "--redis-url",
@@ -83,20 +97,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "batch", "hf", "generate", "fake"],
-        help="batch: continuous batching over a slotted KV cache (Llama, Mistral, Qwen2 "
-        "shapes; CUDA graphs on GPUs); hf: transformers' forward, one job per step, any "
-        "model; generate: FastChat's way, one request at a time through generate() (a "
-        "benchmark baseline); auto: batch where the model allows, else hf; fake: a "
-        "deterministic test "
-        "engine with no model",
+        choices=["auto", "paged", "batch", "hf", "generate", "fake"],
+        help="paged: continuous batching over a paged KV cache sized to the device, any "
+        "decoder-only transformers model (CUDA graphs and Triton attention on GPUs); batch: "
+        "the older engine over a slotted cache (Llama, Mistral, Qwen2 shapes); hf: "
+        "transformers' forward, one job per step, any model; generate: FastChat's way, one "
+        "request at a time through generate() (a benchmark baseline); auto: paged where the "
+        "model allows, else hf; fake: a deterministic test engine with no model",
     )
     parser.add_argument(
         "--max-model-len",
         type=int,
-        default=4096,
-        help="longest sequence (prompt + completion) the batch engine keeps KV cache for; "
-        "capped at the model's own context length",
+        default=None,
+        help="longest sequence (prompt + completion) a request may have (default: the "
+        "model's own context length, or what the GPU's KV cache holds if that is less)",
     )
     parser.add_argument(
         "--chunk-interval",
@@ -132,28 +146,28 @@ def batch_blockers(args: argparse.Namespace) -> list[str]:
     return blockers
 
 
-def choose_engine(args: argparse.Namespace, *, model_type: str, supported: bool) -> str:
-    """Which engine serves a loaded model: ``batch``, ``hf`` or ``generate``.
+def choose_engine(args: argparse.Namespace, *, model_type: str, reason: str | None) -> str:
+    """Which engine serves a loaded model: ``paged``, ``batch``, ``hf`` or ``generate``.
 
-    ``supported``: whether the batch engine knows the model's shape (``model_type``).
-    ``--engine batch`` that cannot be honoured exits with the reason.
+    ``reason``: why the paged engine cannot run the model (None: it can). ``--engine
+    paged`` or ``batch`` that cannot be honoured exits with the reason.
     """
-    if args.engine not in ("auto", "batch"):
+    if args.engine not in ("auto", "paged", "batch"):
         return str(args.engine)
     blockers = batch_blockers(args)
+    if args.engine in ("paged", "batch") and blockers:
+        raise SystemExit(
+            f"--engine {args.engine} needs the whole model, unquantized, on one device, so it "
+            f"cannot run with {' or '.join(blockers)}: drop those flags, or use --engine hf"
+        )
     if args.engine == "batch":
-        if blockers:
-            raise SystemExit(
-                "--engine batch needs the whole model, unquantized, on one device, so it "
-                f"cannot run with {' or '.join(blockers)}: drop those flags, or use --engine hf"
-            )
-        if not supported:
-            raise SystemExit(
-                f"--engine batch supports Llama, Mistral and Qwen2 shaped models, not "
-                f"{model_type!r}; use --engine hf"
-            )
         return "batch"
-    return "batch" if supported and not blockers else "hf"
+    if reason is not None:
+        if args.engine == "paged":
+            raise SystemExit(f"--engine paged cannot serve this model: {reason}; use --engine hf")
+        log.info("serving %s with the hf engine: %s", model_type or "the model", reason)
+        return "hf"
+    return "hf" if blockers else "paged"
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -163,10 +177,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return FakeEngine(token_delay=args.fake_token_delay)
     if not args.model_path:
         raise SystemExit("tokenrelay worker: --model-path is required (a model folder or .gguf)")
-    if args.engine == "batch":  # refuse before spending minutes on loading
-        choose_engine(args, model_type="", supported=True)
+    if args.engine in ("paged", "batch"):  # refuse before spending minutes on loading
+        choose_engine(args, model_type="", reason=None)
     from .hf_engine import HFEngine
-    from .llama_runner import supports
     from .loader import LoadOptions, generation_defaults, load
 
     model, tokenizer = load(
@@ -180,9 +193,18 @@ def build_engine(args: argparse.Namespace) -> Engine:
             trust_remote_code=args.trust_remote_code,
         )
     )
-    kind = choose_engine(
-        args, model_type=getattr(model.config, "model_type", ""), supported=supports(model)
-    )
+    model_type = getattr(model.config, "model_type", "")
+    if args.engine == "batch":
+        from .llama_runner import supports
+
+        if not supports(model):
+            raise SystemExit(
+                f"--engine batch supports Llama, Mistral and Qwen2 shaped models, not "
+                f"{model_type!r}; use --engine paged or hf"
+            )
+    from .paged import unsupported_reason
+
+    kind = choose_engine(args, model_type=model_type, reason=unsupported_reason(model))
     engine: Engine
     if kind == "generate":
         from .generate_engine import GenerateEngine
@@ -192,7 +214,21 @@ def build_engine(args: argparse.Namespace) -> Engine:
         from .batch_engine import BatchEngine
 
         engine = BatchEngine(
-            model, tokenizer, slots=args.limit_worker_concurrency, max_len=args.max_model_len
+            model,
+            tokenizer,
+            slots=args.limit_worker_concurrency or 8,
+            max_len=args.max_model_len or 4096,
+        )
+    elif kind == "paged":
+        from .paged.build import build_paged_engine
+
+        engine = build_paged_engine(
+            model,
+            tokenizer,
+            max_model_len=args.max_model_len,
+            max_seqs=args.limit_worker_concurrency,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            eager=args.enforce_eager,
         )
     else:
         engine = HFEngine(model, tokenizer)
@@ -203,6 +239,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
 
 def run(args: argparse.Namespace) -> None:
     engine = build_engine(args)
+    if args.limit_worker_concurrency is None:
+        args.limit_worker_concurrency = getattr(engine, "max_seqs", 8)
     # The engine thread and the event loop share the GIL; a shorter switch interval than
     # Python's 5 ms lets the engine get it back quickly after each GPU step.
     sys.setswitchinterval(0.0005)

@@ -66,7 +66,7 @@ def tiny_model(name: str) -> torch.nn.Module:
 
 
 def reference(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -80,9 +80,11 @@ def reference(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int
 
 def paged_greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -> list[list[int]]:
     """Prefill all prompts in one pass, then decode them together, one block table each."""
-    cache = KVCache(CacheShape.of(model), num_blocks=64, device=torch.device("cpu"), block_size=4)
+    device = next(model.parameters()).device
+    cache = KVCache(CacheShape.of(model), num_blocks=64, device=device, block_size=4)
     blocks = BlockManager(64, 4)
     runner = ModelRunner(model, cache, max_len=256)
+    runner.capture_graphs(len(prompts))
     tables = [BlockTable() for _ in prompts]
     for table, p in zip(tables, prompts, strict=True):
         blocks.allocate(table, len(p) + 1)
@@ -94,7 +96,7 @@ def paged_greedy(model: torch.nn.Module, prompts: list[list[int]], steps: int) -
     for _ in range(steps - 1):
         for table, n in zip(tables, lengths, strict=True):
             blocks.allocate(table, n + 1)
-        tokens = torch.tensor([o[-1] for o in outs])
+        tokens = torch.tensor([o[-1] for o in outs], device=device)
         seqs = [SeqInput([], n, t.blocks) for n, t in zip(lengths, tables, strict=True)]
         picked = runner.decode(tokens, seqs).argmax(-1)
         for o, t in zip(outs, picked.tolist(), strict=True):
@@ -113,6 +115,19 @@ def test_greedy_tokens_equal_generate(name: str) -> None:
     want = [reference(model, p, steps) for p in prompts]
     got = paged_greedy(model, prompts, steps)
     assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_greedy_tokens_equal_generate_on_cuda(name: str) -> None:
+    """The same on CUDA in float32: Triton attention, decode steps replayed from graphs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_model(name).cuda()
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 211, (n,), generator=rng).tolist() for n in (5, 17, 9)]
+    want = [reference(model, p, 32) for p in prompts]
+    assert paged_greedy(model, prompts, 32) == want
 
 
 def test_a_prompt_prefilled_in_chunks_decodes_as_one_prefill() -> None:

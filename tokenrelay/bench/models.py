@@ -55,7 +55,7 @@ def random_llama(shape: str, device: str = "cuda", dtype: torch.dtype = torch.bf
 
     config = LlamaConfig(
         vocab_size=VOCAB,
-        max_position_embeddings=8192,
+        max_position_embeddings=131072,  # Llama 3.1
         rope_theta=500000.0,
         tie_word_embeddings=False,
         **SHAPES[shape],

@@ -28,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--modes",
         default="baseline,engine,stack",
         help="comma-separated: baseline (FastChat's way: generate(), one at a "
-        "time, in-process), engine (batch engine in-process), stack (API + "
-        "Redis + worker over HTTP), http (an already running server: --api-url)",
+        "time, in-process), engine (the paged engine in-process, at its defaults, with a "
+        "decode-step profile against the floor on CUDA), batch (the older slotted engine), "
+        "stack (API + Redis + a worker started with --model-path and --device only, over "
+        "HTTP), http (an already running server: --api-url)",
     )
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -71,7 +73,6 @@ def run(args: argparse.Namespace) -> None:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     workload = Workload(args.prompt_len, args.output_len, args.profile)
-    label = args.label or args.model_path
     rows: list[dict[str, object]] = []
     modes = args.modes.split(",")
     if "engine" in modes or "baseline" in modes:
@@ -82,8 +83,9 @@ def run(args: argparse.Namespace) -> None:
         url, model = _http_target(args)
         for c in levels:
             rows.append(_measure_http(url, model, workload, c, args, "http"))
+            rows[-1]["model"] = args.label or model  # what it measured, not --model-path
     for row in rows:
-        row["model"] = label
+        row.setdefault("model", args.label or args.model_path)
     out = Path(args.out)
     out.write_text(json.dumps(rows, indent=2))
     out.with_suffix(".md").write_text(markdown(rows) + "\n")
@@ -133,13 +135,38 @@ def _in_process(
             rows[-1]["roofline_tok_s"] = roofline(1)
         engine.close()
     if "engine" in modes:
-        max_len = 2 * (args.prompt_len + args.output_len) + 8
-        engine = BatchEngine(model, tokenizer, slots=max(levels), max_len=max_len)
+        # the engine a user gets: `tokenrelay worker --model-path ... --device ...`
+        from tokenrelay.workers.paged.build import build_paged_engine
+
+        engine = build_paged_engine(model, tokenizer, max_model_len=None, max_seqs=None)
+        _log(
+            f"engine: paged, defaults (max length {engine.max_context}, "
+            f"{engine.max_seqs} sequences, {engine.cache.tokens} cache tokens)"
+        )
+        if args.device == "cuda":
+            from .steps import step_profile
+
+            bandwidth = _copy_bandwidth(args.device)
+            context = workload.prompt_len + workload.output_len // 2
+            for row in step_profile(engine, [1, 16, 64, 128, 256], context, bandwidth):
+                _log(f"step profile: {row}")
+                rows.append({"mode": "step", **row})
         for c in levels:
             rows.append(_measure_engine(engine, workload, c, _requests(args, c), "engine"))
             rows[-1]["roofline_tok_s"] = roofline(c)
         engine.close()
         del engine
+    if "batch" in modes:
+        # the older slotted engine at its defaults (4096 tokens a slot), as many slots as
+        # the load needs while they fit
+        engine = BatchEngine(model, tokenizer, slots=min(max(levels), 128), max_len=4096)
+        for c in [c for c in levels if c <= 128]:
+            rows.append(_measure_engine(engine, workload, c, _requests(args, c), "batch"))
+            rows[-1]["roofline_tok_s"] = roofline(c)
+        engine.close()
+        del engine
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     del model
     gc.collect()
     if args.device == "cuda":
@@ -171,7 +198,6 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
 
     redis = EmbeddedRedis().start()
     port = free_port()
-    max_len = 2 * (args.prompt_len + args.output_len) + 8
     common = ["--redis-url", redis.url]
     procs = [
         subprocess.Popen(
@@ -183,10 +209,6 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
                 "bench",
                 "--device",
                 args.device,
-                "--limit-worker-concurrency",
-                str(max(levels)),
-                "--max-model-len",
-                str(max_len),
                 *common,
             )
         ),

@@ -68,27 +68,30 @@ def paged_attention_forward(
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks are not supported by the paged engine")
     k_cache, v_cache = paged.caches[module.layer_idx]
-    write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), paged.slot_mapping)
-    q = query[0].transpose(0, 1)  # (T, heads, d)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
     scale = scaling if scaling is not None else 1 / math.sqrt(q.shape[-1])
     window = sliding_window if sliding_window and sliding_window < paged.max_seq_len else None
     if paged.use_triton:
-        from .triton_attention import paged_attention
+        from .ops import paged_attention_op
 
-        out = paged_attention(
+        out = paged_attention_op(
             q,
+            k,
+            v,
             k_cache,
             v_cache,
+            paged.slot_mapping,
             paged.block_tables,
             paged.seq_lens,
             paged.query_start,
             scale,
-            max_query_len=paged.max_query_len,
-            max_seq_len=paged.max_seq_len,
-            sliding_window=window,
-            softcap=softcap or None,
+            paged.max_query_len,
+            paged.max_seq_len,
+            window or 0,
+            float(softcap or 0.0),
         )
     else:
+        write_kv(k_cache, v_cache, k, v, paged.slot_mapping)
         out = torch_paged_attention(q, k_cache, v_cache, paged, scale, window, softcap or None)
     return out[None], None  # (1, T, heads, d), as the modules expect
 

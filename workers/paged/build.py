@@ -32,6 +32,7 @@ def build_paged_engine(
     max_seqs: int | None,
     gpu_memory_utilization: float = 0.9,
     prefill_budget: int = 4096,
+    eager: bool = False,
 ) -> PagedEngine:
     device = next(model.parameters()).device
     shape = CacheShape.of(model)
@@ -71,6 +72,7 @@ def build_paged_engine(
         max_seqs=seqs,
         max_len=max_len,
         prefill_budget=prefill_budget,
+        eager=eager,
     )
 
 
@@ -81,7 +83,7 @@ def _activation_peak(
     """Memory one prefill of ``tokens`` tokens takes beyond the weights (vLLM's profile
     run), measured on a scratch cache just big enough for it."""
     scratch = KVCache(shape, -(-tokens // BLOCK_SIZE), device)
-    runner = ModelRunner(model, scratch, tokens)
+    runner = ModelRunner(model, scratch, tokens, eager=True)
     table = BlockTable(list(range(scratch.num_blocks)))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

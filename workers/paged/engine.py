@@ -45,6 +45,7 @@ class PagedEngine(ThreadedEngine):
         prefill_budget: int = 4096,
         admit_window: float = 0.015,
         admit_batch: int = 8,
+        eager: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids(model, tokenizer)
@@ -53,7 +54,7 @@ class PagedEngine(ThreadedEngine):
         device = next(model.parameters()).device
         self.cache = KVCache(CacheShape.of(model), num_blocks, device)
         self.blocks = BlockManager(num_blocks, self.cache.block_size)
-        self.runner = ModelRunner(model, self.cache, max_len)
+        self.runner = ModelRunner(model, self.cache, max_len, eager=eager)
         self.runner.capture_graphs(max_seqs)
         self.device = device
         self.prefill_budget = prefill_budget

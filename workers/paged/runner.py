@@ -35,7 +35,9 @@ class SeqInput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: KVCache, max_len: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cache: KVCache, max_len: int, *, eager: bool = False
+    ) -> None:
         attention.register()
         model.set_attn_implementation(attention.IMPLEMENTATION)
         self.model = model
@@ -43,10 +45,17 @@ class ModelRunner:
         self.device = cache.device
         self.max_len = max_len
         self.max_blocks = -(-max_len // cache.block_size)
-        self.use_graphs = self.device.type == "cuda"
+        self.use_graphs = self.device.type == "cuda" and not eager
         self.use_triton = self.device.type == "cuda"
         self._graphs: dict[int, _Graph] = {}
+        self._pool: object = None
+        # the decode step compiled once (batch size symbolic), then captured per bucket:
+        # the compiler fuses the norms, rotary and activations the modules run one op at
+        # a time, which at batch 1 cost more than reading the weights
+        self.compiled = self.use_graphs
+        self._decode_fn = self._run
         self.max_batch = 0
+        self.buckets: list[int] = []
 
     # eager passes (prefill, CPU decode)
 
@@ -108,7 +117,7 @@ class ModelRunner:
         if not self.use_graphs or len(seqs) > self.max_batch:
             return self.forward_tokens(tokens, seqs)
         batch = len(seqs)
-        bucket = next(b for b in BATCH_BUCKETS if b >= batch and b <= self.max_batch)
+        bucket = next(b for b in self.buckets if b >= batch)
         graph = self._graphs.get(bucket) or self._capture(bucket)
         graph.fill(tokens, seqs, self.cache.block_size, self.cache.scratch_slot)
         graph.graph.replay()
@@ -143,10 +152,24 @@ class ModelRunner:
     def capture_graphs(self, max_batch: int) -> None:
         """Capture every bucket's decode step up to ``max_batch`` sequences now."""
         self.max_batch = max_batch
+        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         if not self.use_graphs:
             return
-        for bucket in BATCH_BUCKETS:
-            if bucket <= max_batch:
+        self._pool = torch.cuda.graph_pool_handle()
+        if self.compiled:
+            self._decode_fn = torch.compile(self._run, dynamic=False)
+        for bucket in reversed(self.buckets):  # largest first: the others reuse its memory
+            try:
+                self._capture(bucket)
+            except Exception:
+                if not self.compiled:
+                    raise
+                log.exception(
+                    "torch.compile of the decode step failed; running it uncompiled "
+                    "(slower at small batches). --enforce-eager skips the attempt."
+                )
+                self.compiled, self._decode_fn = False, self._run
+                self._graphs.clear()
                 self._capture(bucket)
         log.info(
             "captured %d decode graphs (batch sizes %s)", len(self._graphs), sorted(self._graphs)
@@ -173,18 +196,28 @@ class ModelRunner:
             keep=torch.arange(bucket, device=dev),
             logits=None,  # type: ignore[arg-type]
         )
-        # warm up (Triton compiles, cuBLAS picks its kernels) outside the capture
+        # warm up (compile, Triton's autotuning, cuBLAS's choices) outside the capture
         static.paged.seq_lens.fill_(1)
+        ids, positions = static.tokens[None], static.positions[None]
+        if self.compiled and bucket > 1:  # a size of 1 is specialised, never symbolic
+            for t in (ids, positions):
+                torch._dynamo.mark_dynamic(t, 1)
+            for t in (
+                static.keep,
+                static.paged.slot_mapping,
+                static.paged.block_tables,
+                static.paged.seq_lens,
+                static.paged.query_start,
+            ):
+                torch._dynamo.mark_dynamic(t, 0)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(2):
-                self._run(static.tokens[None], static.positions[None], static.keep, static.paged)
+                self._decode_fn(ids, positions, static.keep, static.paged)
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.inference_mode(), torch.cuda.graph(static.graph):
-            static.logits = self._run(
-                static.tokens[None], static.positions[None], static.keep, static.paged
-            )
+        with torch.inference_mode(), torch.cuda.graph(static.graph, pool=self._pool):
+            static.logits = self._decode_fn(ids, positions, static.keep, static.paged)
         self._graphs[bucket] = static
         return static
 
