@@ -36,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--max-gpu-memory")
-    parser.add_argument("--limit-worker-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--limit-worker-concurrency",
+        type=int,
+        help="sequences each worker runs at once (default: the worker's: 8 on CPU, what "
+        "the KV cache holds on a GPU)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--api-keys", help="comma-separated client keys (default: open)")
@@ -164,8 +169,11 @@ def _worker_argv(
         "--num-gpus",
         str(args.num_gpus),
         *(["--max-gpu-memory", args.max_gpu_memory] if args.max_gpu_memory else []),
-        "--limit-worker-concurrency",
-        str(args.limit_worker_concurrency),
+        *(
+            ["--limit-worker-concurrency", str(args.limit_worker_concurrency)]
+            if args.limit_worker_concurrency
+            else []
+        ),
         "--redis-url",
         redis_url,
     ]
