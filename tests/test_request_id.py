@@ -18,7 +18,7 @@ def _json_lines(proc: Process) -> list[dict[str, object]]:
     return lines
 
 
-def _wait_for(proc: Process, request_id: str, timeout: float = 10) -> list[dict[str, object]]:
+def _wait_for(proc: Process, request_id: str, timeout: float = 60) -> list[dict[str, object]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         hits = [r for r in _json_lines(proc) if r.get("request_id") == request_id]
