@@ -152,8 +152,10 @@ def _in_process(
                 _log(f"step profile: {row}")
                 rows.append({"mode": "step", **row})
         for c in levels:
+            engine.clock.report()
             rows.append(_measure_engine(engine, workload, c, _requests(args, c), "engine"))
             rows[-1]["roofline_tok_s"] = roofline(c)
+            _log(f"engine loop, ms per step at concurrency {c}: {engine.clock.report()}")
         engine.close()
         del engine
     if "batch" in modes:

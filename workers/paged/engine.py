@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,6 +26,7 @@ from ..sampling import make_generator, sample_rows
 from ..text import TextTracker
 from .blocks import BlockManager, BlockTable, OutOfBlocks
 from .cache import CacheShape, KVCache
+from .clock import LoopClock
 from .runner import ModelRunner, SeqInput
 from .sequences import Run, Seq, Step
 
@@ -48,6 +50,7 @@ class PagedEngine(ThreadedEngine):
         eager: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self._decode = fast_decoder(tokenizer) or self._decode  # type: ignore[method-assign]
         self.eos_ids = eos_ids(model, tokenizer)
         self.max_context = max_len
         self.max_seqs = max_seqs
@@ -61,6 +64,7 @@ class PagedEngine(ThreadedEngine):
         self.admit_window = admit_window
         self.admit_batch = admit_batch
         self.preemptions = 0
+        self.clock = LoopClock()
         self._waiting_since = 0.0
         self._shared = torch.Generator(device=device)
         self._shared.seed()
@@ -83,10 +87,13 @@ class PagedEngine(ThreadedEngine):
     def _loop(self) -> None:
         running: list[Run] = []
         pending: Step | None = None
+        clock = self.clock
         while not self._closed:
             self._collect(block=not running and not self._waiting and pending is None)
+            clock.start()
             try:
                 running += self._admit(running)
+                clock.lap("admit")
                 running = [r for r in running if not self._drop_cancelled(r)]
                 running = self._end_finished(running)
                 if running and not self._reserve(running):
@@ -96,9 +103,12 @@ class PagedEngine(ThreadedEngine):
                         pending = None
                     running = self._end_finished(running)
                     running = self._preempt_until_fits(running)
+                clock.lap("schedule")
                 launched = self._launch(running, pending) if running else None
+                clock.lap("launch")
                 if pending is not None:
                     self._finish_step(pending)
+                    clock.steps += 1
             except Exception as exc:  # a failed step fails the jobs in it, not the worker
                 log.exception("engine step failed")
                 for r in running:
@@ -356,6 +366,7 @@ class PagedEngine(ThreadedEngine):
     def _finish_step(self, step: Step) -> None:
         """Wait for a launched step's tokens; emit text and finish reasons."""
         picked = step.tokens()
+        self.clock.lap("wait")
         by_run: dict[int, tuple[Run, dict[int, int]]] = {}
         for row, (run, s) in enumerate(step.live):
             if run.ended or s.finish is not None:
@@ -369,6 +380,7 @@ class PagedEngine(ThreadedEngine):
                 events.append((run.handle, event))
         if events:
             JobHandle.put_all(events[0][0].loop, events)
+        self.clock.lap("detokenize")
 
     def _advance(self, run: Run, tokens: list[int]) -> EngineEvent | None:
         """Take one new token per live choice (-1: none this step); emit text and
@@ -410,6 +422,20 @@ class PagedEngine(ThreadedEngine):
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str] | None:
+    """The Rust tokenizer's own decode, where it gives what transformers' wrapper gives:
+    a fifth of the cost per call (1 against 5 us), paid twice a token for every sequence."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    decode = backend.decode
+
+    def run(ids: list[int]) -> str:
+        return decode(ids, skip_special_tokens=True)  # type: ignore[no-any-return]
+
+    return run
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:  # type: ignore[type-arg]
