@@ -207,16 +207,20 @@ def choose_config(
         # decode (or a few speculative tokens): one query tile per sequence
         block_m = max(16, triton.next_power_of_2(max_query_len * group))
         tile = 64 if head_dim <= 128 else 32
+        # split only when one program per (sequence, KV head) leaves the SMs short of two
+        # each: on the H200 splitting b64 x ctx 384 (512 programs) was 17% slower, b1 x
+        # ctx 32768 (8 programs) 24x faster at 64 segments (bench/paged_attention_notes.md)
         programs = num_seqs * kv_heads
-        target = 4 * _num_sms(device)
+        sms = _num_sms(device)
         num_seg = 1
-        if programs < target:
-            num_seg = min(64, triton.next_power_of_2(triton.cdiv(target, programs)))
+        if programs < 2 * sms:
+            num_seg = min(64, triton.next_power_of_2(triton.cdiv(4 * sms, programs)))
             if max_seq_len is not None:  # at least two KV tiles a segment
                 num_seg = min(num_seg, triton.next_power_of_2(triton.cdiv(max_seq_len, 2 * tile)))
         return Config(block_m, tile, max(num_seg, 1), num_warps=4, num_stages=3)
-    block_m = max(128 if head_dim <= 128 else 64, group_rows)
-    return Config(block_m, tile=64, num_seg=1, num_warps=8, num_stages=2)
+    if head_dim > 128:  # shared memory: 3 stages of 64 x 256 K and V tiles would not fit
+        return Config(max(64, group_rows), tile=64, num_seg=1, num_warps=8, num_stages=2)
+    return Config(max(128, group_rows), tile=64, num_seg=1, num_warps=4, num_stages=3)
 
 
 def paged_attention(
