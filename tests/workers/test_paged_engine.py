@@ -11,6 +11,7 @@ import pytest
 
 from tokenrelay.workers.paged.blocks import BlockManager, BlockTable, OutOfBlocks
 from tokenrelay.workers.paged.engine import PagedEngine
+from tokenrelay.workers.prompts import encode_prompt
 
 from .test_batch_engine import QUESTIONS, _collect, _job, _reference
 
@@ -33,6 +34,35 @@ async def test_greedy_text_equals_generate_with_others_in_the_batch(
         assert texts[0] == _reference(model, tokenizer, question, 24), question
         assert finish[0] in ("stop", "length")
     assert engine.blocks.free_blocks == engine.blocks.num_blocks
+
+
+async def test_several_steps_a_launch_give_the_same_text_and_stop_exactly(
+    model_and_tokenizer,
+) -> None:  # type: ignore[no-untyped-def]
+    """Decode steps launched three at a time (the GPU default is 4): the same greedy text,
+    stops and max_tokens honoured to the token, and a request that fills the context to
+    its last position gets all of it."""
+    model, tokenizer = model_and_tokenizer
+    eng = PagedEngine(model, tokenizer, num_blocks=128, max_seqs=4, max_len=96, steps_per_launch=3)
+    try:
+        jobs = [
+            _job(q, temperature=0, max_tokens=n)
+            for q, n in zip(QUESTIONS, (7, 24, 13, 1), strict=True)
+        ]
+        results = await asyncio.gather(*(_collect(eng, j) for j in jobs))
+        for job, (texts, _, tokens) in zip(jobs, results, strict=True):
+            want = _reference(model, tokenizer, job.messages[0].content, job.params.max_tokens)
+            assert texts[0] == want
+            assert tokens <= job.params.max_tokens
+        prompt = len(encode_prompt(tokenizer, _job(QUESTIONS[0])))
+        room = 96 - prompt
+        texts, finish, tokens = await _collect(
+            eng, _job(QUESTIONS[0], temperature=0, max_tokens=room, ignore_eos=True)
+        )
+        assert (tokens, finish[0]) == (room, "length")
+        assert eng.blocks.free_blocks == eng.blocks.num_blocks
+    finally:
+        eng.close()
 
 
 async def test_n_choices_share_the_prompt_and_each_finish(engine: PagedEngine) -> None:

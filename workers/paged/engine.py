@@ -48,6 +48,7 @@ class PagedEngine(ThreadedEngine):
         admit_window: float = 0.015,
         admit_batch: int = 8,
         eager: bool = False,
+        steps_per_launch: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self._decode = fast_decoder(tokenizer) or self._decode  # type: ignore[method-assign]
@@ -60,6 +61,11 @@ class PagedEngine(ThreadedEngine):
         self.runner = ModelRunner(model, self.cache, max_len, eager=eager)
         self.runner.capture_graphs(max_seqs)
         self.device = device
+        # Decode steps launched back to back before the host looks at their tokens: at
+        # hundreds of sequences the host's work per step (inputs, text, events) is longer
+        # than the GPU's, and this divides the part that is per launch. A sequence that
+        # stops within the run wastes at most steps - 1 positions.
+        self.steps_per_launch = steps_per_launch or (4 if device.type == "cuda" else 1)
         self.prefill_budget = prefill_budget
         self.admit_window = admit_window
         self.admit_batch = admit_batch
@@ -96,7 +102,10 @@ class PagedEngine(ThreadedEngine):
                 clock.lap("admit")
                 running = [r for r in running if not self._drop_cancelled(r)]
                 running = self._end_finished(running)
-                if running and not self._reserve(running):
+                steps = self._steps(running)
+                if running and not self._reserve(running, steps):
+                    steps = 1
+                if running and not self._reserve(running, steps):
                     # the cache is full: settle the step in flight, then make room
                     if pending is not None:
                         self._finish_step(pending)
@@ -104,7 +113,7 @@ class PagedEngine(ThreadedEngine):
                     running = self._end_finished(running)
                     running = self._preempt_until_fits(running)
                 clock.lap("schedule")
-                launched = self._launch(running, pending) if running else None
+                launched = self._launch(running, pending, steps) if running else None
                 clock.lap("launch")
                 if pending is not None:
                     self._finish_step(pending)
@@ -301,12 +310,20 @@ class PagedEngine(ThreadedEngine):
 
     # decoding
 
-    def _reserve(self, running: list[Run]) -> bool:
-        """Give each decoding sequence the block its next position needs."""
+    def _steps(self, running: list[Run]) -> int:
+        """Steps for the next launch: ``steps_per_launch``, fewer near the context's end."""
+        room = min(
+            (self.max_context - 1 - s.length for r in running for s in r.live_seqs), default=1
+        )
+        return max(1, min(self.steps_per_launch, room))
+
+    def _reserve(self, running: list[Run], steps: int = 1) -> bool:
+        """Give each decoding sequence the blocks its next ``steps`` positions need."""
         try:
             for run in running:
                 for seq in run.live_seqs:
-                    self.blocks.allocate(seq.table, seq.length + 1)
+                    if seq.length + 1 < self.max_context:
+                        self.blocks.allocate(seq.table, seq.length + steps)
         except OutOfBlocks:
             return False
         return True
@@ -341,9 +358,11 @@ class PagedEngine(ThreadedEngine):
                 self._end(run)
         return [r for r in running if not r.done]
 
-    def _launch(self, running: list[Run], previous: Step | None) -> Step | None:
-        """Queue one decode step for every live sequence; returns without waiting."""
-        live = [(r, s) for r in running for s in r.live_seqs]
+    def _launch(self, running: list[Run], previous: Step | None, steps: int = 1) -> Step | None:
+        """Queue ``steps`` decode steps for every live sequence; returns without waiting."""
+        # a sequence whose launched steps already reach the context's end only waits for
+        # their tokens
+        live = [(r, s) for r in running for s in r.live_seqs if s.length + 1 < self.max_context]
         if not live:
             return None
         rows = {id(s): i for i, (_, s) in enumerate(previous.live)} if previous else {}
@@ -351,33 +370,40 @@ class PagedEngine(ThreadedEngine):
         from_device = [s.on_device and id(s) in rows for _, s in live]
         if previous is not None and any(from_device):
             index = _to(self.device, [rows.get(id(s), 0) for _, s in live])
-            earlier = previous.picked[index]
+            earlier = previous.picked[-1][index]
             tokens = torch.where(_to(self.device, from_device, torch.bool), earlier, tokens)
         inputs = [SeqInput([], s.length, s.table.blocks) for _, s in live]
-        logits = self.runner.decode(tokens, inputs)
         params = [r.job.params for r, _ in live]
         generators = [r.generator if r.job.params.seed is not None else None for r, _ in live]
-        picked = sample_rows(logits, list(params), generators, self._shared)
+
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            return sample_rows(logits, list(params), generators, self._shared)
+
+        picked = self.runner.decode_steps(tokens, inputs, steps, sample)
         for _, s in live:
-            s.length += 1
+            s.length += steps
             s.on_device = True
         return Step(live, picked)
 
     def _finish_step(self, step: Step) -> None:
-        """Wait for a launched step's tokens; emit text and finish reasons."""
-        picked = step.tokens()
+        """Wait for a launched run of steps; emit text and finish reasons, step by step."""
+        picked = step.tokens()  # (steps, B)
         self.clock.lap("wait")
-        by_run: dict[int, tuple[Run, dict[int, int]]] = {}
+        runs: dict[int, tuple[Run, list[int]]] = {}
         for row, (run, s) in enumerate(step.live):
             if run.ended or s.finish is not None:
                 continue
-            by_run.setdefault(id(run), (run, {}))[1][id(s)] = picked[row]
+            runs.setdefault(id(run), (run, []))[1].append(row)
+        seq_rows = {id(s): row for row, (_, s) in enumerate(step.live)}
         events = []
-        for run, got in by_run.values():
-            tokens = [got.get(id(s), -1) for s in run.seqs]
-            event = self._advance(run, tokens)
-            if event:
-                events.append((run.handle, event))
+        for run, _ in runs.values():
+            for tokens in picked:
+                if run.done:
+                    break
+                got = [tokens[seq_rows[id(s)]] if id(s) in seq_rows else -1 for s in run.seqs]
+                event = self._advance(run, got)
+                if event:
+                    events.append((run.handle, event))
         if events:
             JobHandle.put_all(events[0][0].loop, events)
         self.clock.lap("detokenize")
@@ -400,7 +426,7 @@ class PagedEngine(ThreadedEngine):
                 text = seq.tracker.add(token)
                 if seq.tracker.stopped:
                     seq.finish = "stop"
-                elif run.generated >= run.max_tokens or seq.length + 1 >= self.max_context:
+                elif run.generated >= run.max_tokens or len(seq.tokens) >= self.max_context:
                     text, seq.finish = text + seq.tracker.flush(), "length"
             if text or seq.finish:
                 deltas.append(ChoiceDelta(index=index, text=text, finish_reason=seq.finish))

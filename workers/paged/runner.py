@@ -12,6 +12,7 @@ batch-size bucket is captured once in a CUDA graph over static input buffers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,43 @@ class ModelRunner:
         graph.fill(tokens, seqs, self.cache.block_size, self.cache.scratch_slot)
         graph.graph.replay()
         return graph.logits[:batch]
+
+    @torch.inference_mode()
+    def decode_steps(
+        self, tokens: Tensor, seqs: list[SeqInput], steps: int, sample: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """``steps`` decode steps back to back, each one's sampled tokens the next one's
+        input, with no read by the host in between; returns the (steps, B) tokens. The
+        sequences' blocks must cover ``start + steps`` positions."""
+        batch = len(seqs)
+        if not self.use_graphs or batch > self.max_batch:
+            out = []
+            for j in range(steps):
+                moved = [SeqInput([], s.start + j, s.blocks) for s in seqs]
+                tokens = sample(self.forward_tokens(tokens, moved))
+                out.append(tokens)
+            return torch.stack(out)
+        bucket = next(b for b in self.buckets if b >= batch)
+        graph = self._graphs.get(bucket) or self._capture(bucket)
+        graph.fill(tokens, seqs, self.cache.block_size, self.cache.scratch_slot)
+        later = None
+        if steps > 1:
+            bs = self.cache.block_size
+            later = _to(
+                self.device,
+                [
+                    [s.blocks[(s.start + j) // bs] * bs + (s.start + j) % bs for s in seqs]
+                    for j in range(1, steps)
+                ],
+            )
+        out = []
+        for j in range(steps):
+            if j:
+                assert later is not None
+                graph.advance(out[-1], later[j - 1])
+            graph.graph.replay()
+            out.append(sample(graph.logits[:batch]))
+        return torch.stack(out)
 
     def forward_tokens(self, tokens: Tensor, seqs: list[SeqInput]) -> Tensor:
         """An eager decode step whose input tokens are already on the device."""
@@ -252,6 +290,14 @@ class _Graph:
         self.paged.slot_mapping.copy_(dev[rows : 2 * rows])
         self.paged.seq_lens.copy_(dev[2 * rows : 3 * rows])
         self.paged.block_tables[:, :width].copy_(dev[4 * rows :].view(rows, width))
+
+    def advance(self, tokens: Tensor, slots: Tensor) -> None:
+        """The next of several steps in a row: every live row one position on."""
+        batch = tokens.shape[0]
+        self.tokens[:batch].copy_(tokens)
+        self.positions[:batch] += 1
+        self.paged.seq_lens[:batch] += 1
+        self.paged.slot_mapping[:batch].copy_(slots)
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> Tensor:  # type: ignore[type-arg]

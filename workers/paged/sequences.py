@@ -49,7 +49,8 @@ class Run:
 
 
 class Step:
-    """A launched decode step: its sampled tokens are copied to the host asynchronously."""
+    """A launched run of decode steps: their (steps, B) sampled tokens are copied to the
+    host asynchronously."""
 
     def __init__(self, live: list[tuple[Run, Seq]], picked: torch.Tensor) -> None:
         self.live = live
@@ -62,7 +63,8 @@ class Step:
         else:
             self._host = picked
 
-    def tokens(self) -> list[int]:
+    def tokens(self) -> list[list[int]]:
+        """(steps, B) token ids."""
         if self.picked.is_cuda:
             self._ready.synchronize()
-        return self._host.tolist()
+        return self._host.tolist()  # type: ignore[no-any-return]
