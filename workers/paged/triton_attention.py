@@ -269,6 +269,8 @@ def paged_attention(
             raise ValueError(f"{name}'s last dimension must be contiguous")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous last dimension")
     if num_tokens == 0 or num_seqs == 0:
         return out
     cfg = config or choose_config(
