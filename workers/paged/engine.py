@@ -70,6 +70,7 @@ class PagedEngine(ThreadedEngine):
         self.admit_window = admit_window
         self.admit_batch = admit_batch
         self.preemptions = 0
+        self._prefilled: list[Step] = []
         self.clock = LoopClock()
         self._waiting_since = 0.0
         self._shared = torch.Generator(device=device)
@@ -92,13 +93,18 @@ class PagedEngine(ThreadedEngine):
 
     def _loop(self) -> None:
         running: list[Run] = []
-        pending: Step | None = None
+        # launched work whose tokens the host has not read: the last decode launch, and
+        # the first tokens of prompts prefilled since (read after the next launch, so
+        # admitting never waits behind queued decode steps)
+        pending: list[Step] = []
         clock = self.clock
         while not self._closed:
-            self._collect(block=not running and not self._waiting and pending is None)
+            self._collect(block=not running and not self._waiting and not pending)
             clock.start()
             try:
                 running += self._admit(running)
+                pending += self._prefilled
+                self._prefilled = []
                 clock.lap("admit")
                 running = [r for r in running if not self._drop_cancelled(r)]
                 running = self._end_finished(running)
@@ -106,24 +112,25 @@ class PagedEngine(ThreadedEngine):
                 if running and not self._reserve(running, steps):
                     steps = 1
                 if running and not self._reserve(running, steps):
-                    # the cache is full: settle the step in flight, then make room
-                    if pending is not None:
-                        self._finish_step(pending)
-                        pending = None
+                    # the cache is full: settle what is in flight, then make room
+                    for step in pending:
+                        self._finish_step(step)
+                    pending = []
                     running = self._end_finished(running)
                     running = self._preempt_until_fits(running)
                 clock.lap("schedule")
                 launched = self._launch(running, pending, steps) if running else None
                 clock.lap("launch")
-                if pending is not None:
-                    self._finish_step(pending)
+                for step in pending:
+                    self._finish_step(step)
+                if pending:
                     clock.steps += 1
             except Exception as exc:  # a failed step fails the jobs in it, not the worker
                 log.exception("engine step failed")
                 for r in running:
                     self._end(r, exc)
                 running, launched = [], None
-            pending = launched
+            pending = [launched] if launched is not None else []
             running = self._end_finished(running)
         for item in running + [w for w in self._waiting if isinstance(w, Run)]:
             self._end(item)
@@ -262,11 +269,12 @@ class PagedEngine(ThreadedEngine):
                 generators.append(seeded)
             run.fresh = False
         picked = sample_rows(logits[_to(self.device, rows)], params, generators, self._shared)
-        tokens = iter(picked.tolist())
         for run in fresh:
-            event = self._advance(run, [next(tokens) for _ in run.seqs])
-            if event:
-                run.handle.put(event)
+            for seq in run.seqs:
+                seq.on_device = True
+        # the first tokens stay on the device: the next launch reads them from there and
+        # the host turns them into text after it (see _loop)
+        self._prefilled.append(Step([(r, s) for r in fresh for s in r.seqs], picked[None]))
 
     def _fill_many(self, seqs: list[Seq]) -> torch.Tensor:
         """Prefill whole prompts, packed while they fit the budget; last logits of each."""
@@ -358,20 +366,22 @@ class PagedEngine(ThreadedEngine):
                 self._end(run)
         return [r for r in running if not r.done]
 
-    def _launch(self, running: list[Run], previous: Step | None, steps: int = 1) -> Step | None:
-        """Queue ``steps`` decode steps for every live sequence; returns without waiting."""
+    def _launch(self, running: list[Run], previous: list[Step], steps: int = 1) -> Step | None:
+        """Queue ``steps`` decode steps for every live sequence; returns without waiting.
+        A sequence's input is its last token on the host, or, while that is still on its
+        way, the token in ``previous`` (the launched steps not read yet)."""
         # a sequence whose launched steps already reach the context's end only waits for
         # their tokens
         live = [(r, s) for r in running for s in r.live_seqs if s.length + 1 < self.max_context]
         if not live:
             return None
-        rows = {id(s): i for i, (_, s) in enumerate(previous.live)} if previous else {}
+        rows = {id(s): i for i, (_, s) in enumerate(p for step in previous for p in step.live)}
         tokens = _to(self.device, [s.last for _, s in live])
         from_device = [s.on_device and id(s) in rows for _, s in live]
-        if previous is not None and any(from_device):
+        if previous and any(from_device):
             index = _to(self.device, [rows.get(id(s), 0) for _, s in live])
-            earlier = previous.picked[-1][index]
-            tokens = torch.where(_to(self.device, from_device, torch.bool), earlier, tokens)
+            lasts = torch.cat([step.picked[-1] for step in previous])
+            tokens = torch.where(_to(self.device, from_device, torch.bool), lasts[index], tokens)
         inputs = [SeqInput([], s.length, s.table.blocks) for _, s in live]
         params = [r.job.params for r, _ in live]
         generators = [r.generator if r.job.params.seed is not None else None for r, _ in live]
