@@ -6,14 +6,14 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
 from tokenrelay.queueing.messages import Job, SamplingParams
 from tokenrelay.workers.engine import Engine
 
-from .models import prompt_words
+from .models import SYNTHETIC, prompts_for
 from .stats import Record
 
 
@@ -24,19 +24,21 @@ class Workload:
     profile: str = "fixed"  # fixed | mixed
     temperature: float = 0.0
     offset: int = 0  # added to request indices, so parallel clients send different prompts
+    tokenizer: str = SYNTHETIC  # whose tokens prompt_len counts: the served model's path
 
     def lengths(self, index: int) -> tuple[int, int]:
+        """Request ``index``'s prompt and output lengths, in tokens."""
         if self.profile == "fixed":
             return self.prompt_len, self.output_len
-        rng = random.Random(index)  # the same mix every run
+        rng = random.Random(index + self.offset)  # the same mix every run
         return rng.randint(16, 2 * self.prompt_len), rng.randint(16, 2 * self.output_len)
 
     def body(self, model: str, index: int) -> dict[str, object]:
-        index += self.offset
         prompt_len, output_len = self.lengths(index)
+        index += self.offset
         return {
             "model": model,
-            "prompt": prompt_words(prompt_len, index),
+            "prompt": prompts_for(self.tokenizer).text(prompt_len, index),
             "max_tokens": output_len,
             "temperature": self.temperature,
             "ignore_eos": True,
@@ -78,11 +80,14 @@ async def _clients(concurrency: int, requests: int, one) -> list[Record]:  # typ
 async def run_engine(
     engine: Engine, workload: Workload, concurrency: int, requests: int
 ) -> list[Record]:
+    prompts_for(workload.tokenizer)  # loaded before the clock starts
+
     async def one(index: int) -> Record:
-        record = Record(start=time.perf_counter())
+        job = workload.job("bench", index)
+        record = Record(start=time.perf_counter(), prompt_len=workload.lengths(index)[0])
         last = record.start
         try:
-            async for events in engine.submit(workload.job("bench", index)).stream():
+            async for events in engine.submit(job).stream():
                 now = time.perf_counter()
                 if any(d.text for e in events for d in e.deltas):
                     if record.first is None:
@@ -91,6 +96,7 @@ async def run_engine(
                         record.gaps.append(now - last)
                     last = now
                 record.tokens = events[-1].completion_tokens
+                record.prompt_tokens = events[-1].prompt_tokens
         except Exception as exc:
             record.error = repr(exc)
         record.end = time.perf_counter()
@@ -107,6 +113,7 @@ async def run_http(
     requests: int,
     api_key: str = "EMPTY",
 ) -> list[Record]:
+    prompts_for(workload.tokenizer)  # loaded before the clock starts
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(
@@ -114,9 +121,10 @@ async def run_http(
     ) as http:
 
         async def one(index: int) -> Record:
-            record = Record(start=time.perf_counter())
+            body = workload.body(model, index)
+            record = Record(start=time.perf_counter(), prompt_len=workload.lengths(index)[0])
             try:
-                await _stream(http, workload.body(model, index), record)
+                await _stream(http, body, record)
             except Exception as exc:
                 record.error = repr(exc)
             record.end = time.perf_counter()
@@ -155,13 +163,7 @@ def _http_share(
     base_url: str, model: str, workload: Workload, concurrency: int, requests: int, index: int
 ) -> list[Record]:
     # each share sends different prompts (salted by its index)
-    shifted = Workload(
-        workload.prompt_len,
-        workload.output_len,
-        workload.profile,
-        workload.temperature,
-        offset=index * 100_000,
-    )
+    shifted = replace(workload, offset=index * 100_000)
     return asyncio.run(run_http(base_url, model, shifted, concurrency, requests))
 
 
@@ -184,6 +186,7 @@ async def _stream(http: httpx.AsyncClient, body: dict[str, object], record: Reco
             if event.get("usage"):
                 usage_seen = True
                 record.tokens = event["usage"]["completion_tokens"]
+                record.prompt_tokens = event["usage"].get("prompt_tokens")
             if any(c.get("text") for c in event.get("choices", [])):
                 events += 1
                 if record.first is None:

@@ -10,11 +10,12 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .. import runtime
 from ..commands import tokenrelay_argv
-from .stats import markdown, summarize
+from .stats import Record, markdown, prompt_mismatches, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="the one-at-a-time baseline runs only up to this concurrency",
     )
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument(
+        "--prompt-len",
+        type=int,
+        default=128,
+        help="prompt tokens, counted by the served model's tokenizer (the run checks that the "
+        "server counts as many)",
+    )
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--profile", default="fixed", choices=["fixed", "mixed"])
     parser.add_argument(
@@ -52,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-name",
         help="with mode http: the model name (default: that `tokenrelay serve`'s, else bench)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="with mode http: the served model's folder, whose tokens --prompt-len counts "
+        "(default: that `tokenrelay serve`'s model, else the random models' tokenizer)",
     )
     parser.add_argument(
         "--client-procs",
@@ -72,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     from .load import Workload
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    workload = Workload(args.prompt_len, args.output_len, args.profile)
+    workload = Workload(args.prompt_len, args.output_len, args.profile, tokenizer=args.model_path)
     rows: list[dict[str, object]] = []
     modes = args.modes.split(",")
     if "engine" in modes or "baseline" in modes:
@@ -80,9 +92,10 @@ def run(args: argparse.Namespace) -> None:
     if "stack" in modes:
         rows += _stack(args, levels, workload)
     if "http" in modes:
-        url, model = _http_target(args)
+        url, model, tokenizer = _http_target(args)
+        served = replace(workload, tokenizer=tokenizer)
         for c in levels:
-            rows.append(_measure_http(url, model, workload, c, args, "http"))
+            rows.append(_measure_http(url, model, served, c, args, "http"))
             rows[-1]["model"] = args.label or model  # what it measured, not --model-path
     for row in rows:
         row.setdefault("model", args.label or args.model_path)
@@ -92,12 +105,17 @@ def run(args: argparse.Namespace) -> None:
     print(markdown(rows), flush=True)
 
 
-def _http_target(args: argparse.Namespace) -> tuple[str, str]:
-    """Mode http's URL and model: the flags, else the `tokenrelay serve` running here."""
+def _http_target(args: argparse.Namespace) -> tuple[str, str, str]:
+    """Mode http's URL, model and tokenizer: the flags, else the `tokenrelay serve` running
+    here."""
+    from .models import SYNTHETIC  # not at import: it imports torch
+
     serve = None if args.api_url else runtime.running()
     if serve is None:
-        return args.api_url or "http://127.0.0.1:8000", args.model_name or "bench"
-    return serve.api_url.removesuffix("/v1"), args.model_name or serve.model
+        url = args.api_url or "http://127.0.0.1:8000"
+        return url, args.model_name or "bench", args.tokenizer or SYNTHETIC
+    url = serve.api_url.removesuffix("/v1")
+    return url, args.model_name or serve.model, args.tokenizer or serve.model_path
 
 
 def _log(message: str) -> None:
@@ -110,9 +128,22 @@ def _requests(args: argparse.Namespace, concurrency: int) -> int:
 
 def _warmup(workload):  # type: ignore[no-untyped-def]
     """The real prompt length (first prefills of a shape are slow), few output tokens."""
-    from .load import Workload
+    return replace(workload, output_len=8, profile="fixed")
 
-    return Workload(workload.prompt_len, 8, "fixed")
+
+def _check_prompts(records: list[Record], mode: str) -> None:
+    """Fail the run where the server counted other prompt tokens than asked: then the
+    prompts were not in the served model's tokens, and the numbers would not be honest."""
+    wrong = prompt_mismatches(records)
+    for line in wrong[:5]:
+        _log(f"ERROR {mode}: {line}")
+    if wrong:
+        raise SystemExit(
+            f"bench {mode}: {len(wrong)} of {len(records)} requests were not the prompt "
+            "tokens asked (with --modes http, --tokenizer names the served model's folder)"
+        )
+    if not any(r.prompt_tokens is not None for r in records):
+        _log(f"{mode}: the server reported no prompt tokens; not checked")
 
 
 def _in_process(
@@ -186,11 +217,13 @@ def _measure_engine(
     from .load import run_engine
 
     _log(f"{mode}: warm-up at concurrency {concurrency}")
-    asyncio.run(run_engine(engine, _warmup(workload), concurrency, concurrency))
+    warm = asyncio.run(run_engine(engine, _warmup(workload), concurrency, concurrency))
+    _check_prompts(warm, mode)
     _log(f"{mode}: {requests} requests at concurrency {concurrency}")
     records = asyncio.run(run_engine(engine, workload, concurrency, requests))
     row = summarize(records, mode, concurrency)
     _log(str(row))
+    _check_prompts(records, mode)
     return row
 
 
@@ -246,12 +279,14 @@ def _measure_http(
 
     procs = args.client_procs
     _log(f"{mode}: warm-up at concurrency {concurrency}")
-    run_http_procs(url, model, _warmup(workload), concurrency, concurrency, procs)
+    warm = run_http_procs(url, model, _warmup(workload), concurrency, concurrency, procs)
+    _check_prompts(warm, mode)
     requests = _requests(args, concurrency)
     _log(f"{mode}: {requests} requests at concurrency {concurrency} from {procs} processes")
     records = run_http_procs(url, model, workload, concurrency, requests, procs)
     row = summarize(records, mode, concurrency)
     _log(str(row))
+    _check_prompts(records, mode)
     return row
 
 

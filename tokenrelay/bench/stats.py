@@ -13,6 +13,17 @@ class Record:
     tokens: int = 0
     gaps: list[float] = field(default_factory=list)  # between content events
     error: str | None = None
+    prompt_len: int = 0  # the prompt tokens asked for
+    prompt_tokens: int | None = None  # those the server counted (None: it did not say)
+
+
+def prompt_mismatches(records: list[Record]) -> list[str]:
+    """The requests whose prompt the server counted otherwise than the bench asked."""
+    return [
+        f"asked {r.prompt_len} prompt tokens, the server counted {r.prompt_tokens}"
+        for r in records
+        if r.error is None and r.prompt_tokens is not None and r.prompt_tokens != r.prompt_len
+    ]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -35,6 +46,7 @@ def summarize(records: list[Record], label: str, concurrency: int) -> dict[str, 
         "concurrency": concurrency,
         "requests": len(records),
         "errors": len(records) - len(ok),
+        "prompt_tokens": sum(r.prompt_tokens or 0 for r in ok),
         "output_tokens": tokens,
         "wall_s": round(wall, 3),
         "tok_s": round(tokens / wall, 1) if wall else 0.0,
