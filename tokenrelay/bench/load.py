@@ -80,10 +80,10 @@ async def _clients(concurrency: int, requests: int, one) -> list[Record]:  # typ
 async def run_engine(
     engine: Engine, workload: Workload, concurrency: int, requests: int
 ) -> list[Record]:
-    prompts_for(workload.tokenizer)  # loaded before the clock starts
+    jobs = [workload.job("bench", index) for index in range(requests)]  # before the clock
 
     async def one(index: int) -> Record:
-        job = workload.job("bench", index)
+        job = jobs[index]
         record = Record(start=time.perf_counter(), prompt_len=workload.lengths(index)[0])
         last = record.start
         try:
@@ -112,8 +112,14 @@ async def run_http(
     concurrency: int,
     requests: int,
     api_key: str = "EMPTY",
+    barrier: object | None = None,
 ) -> list[Record]:
-    prompts_for(workload.tokenizer)  # loaded before the clock starts
+    # Every prompt is built before the clock starts, and with several processes they all
+    # start together: a tokenizer loaded (about a second for a 128k vocabulary) or a
+    # prompt built inside the measured window would count as serving time.
+    bodies = [workload.body(model, index) for index in range(requests)]
+    if barrier is not None:
+        barrier.wait()  # type: ignore[attr-defined]
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(
@@ -121,7 +127,7 @@ async def run_http(
     ) as http:
 
         async def one(index: int) -> Record:
-            body = workload.body(model, index)
+            body = bodies[index]
             record = Record(start=time.perf_counter(), prompt_len=workload.lengths(index)[0])
             try:
                 await _stream(http, body, record)
@@ -151,20 +157,30 @@ def run_http_procs(
     if procs == 1:
         return asyncio.run(run_http(base_url, model, workload, concurrency, requests))
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+    with (
+        ctx.Manager() as manager,
+        concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool,
+    ):
+        barrier = manager.Barrier(procs)
         futures = [
-            pool.submit(_http_share, base_url, model, workload, c, r, i)
+            pool.submit(_http_share, base_url, model, workload, c, r, i, barrier)
             for i, (c, r) in enumerate(shares)
         ]
         return [record for f in futures for record in f.result()]
 
 
 def _http_share(
-    base_url: str, model: str, workload: Workload, concurrency: int, requests: int, index: int
+    base_url: str,
+    model: str,
+    workload: Workload,
+    concurrency: int,
+    requests: int,
+    index: int,
+    barrier: object,
 ) -> list[Record]:
     # each share sends different prompts (salted by its index)
     shifted = replace(workload, offset=index * 100_000)
-    return asyncio.run(run_http(base_url, model, shifted, concurrency, requests))
+    return asyncio.run(run_http(base_url, model, shifted, concurrency, requests, barrier=barrier))
 
 
 async def _stream(http: httpx.AsyncClient, body: dict[str, object], record: Record) -> None:
