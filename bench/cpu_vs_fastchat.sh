@@ -219,7 +219,10 @@ bench() {  # label url model out
   local t0 b0 s0 c0
   t0=$(date +%s.%N); b0=$(busy_ticks); s0=$(tree_ticks "${PIDS[@]}"); c0=$(own_children_ticks)
   sample_load "$loadlog" & SAMPLER=$!
-  "$TR" bench "${BENCH[@]}" --api-url "$url" --model-name "$model" --label "$label" --out "$out"
+  # --tokenizer: --prompt-len counts the served model's tokens (the demo folder, not the
+  # copy fixed up for FastChat's transformers)
+  "$TR" bench "${BENCH[@]}" --api-url "$url" --model-name "$model" --tokenizer "$SRC" \
+    --label "$label" --out "$out"
   kill "$SAMPLER"; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=
   local t1 b1 s1 c1 stats
   t1=$(date +%s.%N); b1=$(busy_ticks); s1=$(tree_ticks "${PIDS[@]}"); c1=$(own_children_ticks)
