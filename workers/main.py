@@ -97,10 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "paged", "batch", "hf", "generate", "fake"],
+        type=_engine_name,
+        choices=["auto", "paged", "hf", "generate", "fake"],
         help="paged: continuous batching over a paged KV cache sized to the device, any "
-        "decoder-only transformers model (CUDA graphs and Triton attention on GPUs); batch: "
-        "the older engine over a slotted cache (Llama, Mistral, Qwen2 shapes); hf: "
+        "decoder-only transformers model (CUDA graphs and Triton attention on GPUs); hf: "
         "transformers' forward, one job per step, any model; generate: FastChat's way, one "
         "request at a time through generate() (a benchmark baseline); auto: paged where the "
         "model allows, else hf; fake: a deterministic test engine with no model",
@@ -122,6 +122,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fake-token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
+def _engine_name(value: str) -> str:
+    # `batch` named the slotted engine the paged engine replaced (slower at 1 and 64 streams,
+    # BENCHMARKS.md r1): old command lines and TOKENRELAY_ENGINE=batch keep working
+    if value == "batch":
+        log.warning("--engine batch is now the paged engine")
+        return "paged"
+    return value
+
+
 def model_names(args: argparse.Namespace) -> list[str]:
     if args.model_names:
         return [n.strip() for n in args.model_names.split(",") if n.strip()]
@@ -133,9 +142,9 @@ def model_names(args: argparse.Namespace) -> list[str]:
     return ["fake"]
 
 
-def batch_blockers(args: argparse.Namespace) -> list[str]:
-    """The flags that rule out the batch engine: it reads the raw weights and assumes the
-    whole model on one device, so a quantized or split model is not for it."""
+def paged_blockers(args: argparse.Namespace) -> list[str]:
+    """The flags that rule out the paged engine: it needs the whole model, unquantized, on
+    one device, so a quantized or split model is not for it."""
     blockers = []
     if args.load_8bit:
         blockers.append("--load-8bit")
@@ -147,21 +156,19 @@ def batch_blockers(args: argparse.Namespace) -> list[str]:
 
 
 def choose_engine(args: argparse.Namespace, *, model_type: str, reason: str | None) -> str:
-    """Which engine serves a loaded model: ``paged``, ``batch``, ``hf`` or ``generate``.
+    """Which engine serves a loaded model: ``paged``, ``hf`` or ``generate``.
 
     ``reason``: why the paged engine cannot run the model (None: it can). ``--engine
-    paged`` or ``batch`` that cannot be honoured exits with the reason.
+    paged`` that cannot be honoured exits with the reason.
     """
-    if args.engine not in ("auto", "paged", "batch"):
+    if args.engine not in ("auto", "paged"):
         return str(args.engine)
-    blockers = batch_blockers(args)
-    if args.engine in ("paged", "batch") and blockers:
+    blockers = paged_blockers(args)
+    if args.engine == "paged" and blockers:
         raise SystemExit(
-            f"--engine {args.engine} needs the whole model, unquantized, on one device, so it "
-            f"cannot run with {' or '.join(blockers)}: drop those flags, or use --engine hf"
+            "--engine paged needs the whole model, unquantized, on one device, so it cannot "
+            f"run with {' or '.join(blockers)}: drop those flags, or use --engine hf"
         )
-    if args.engine == "batch":
-        return "batch"
     if reason is not None:
         if args.engine == "paged":
             raise SystemExit(f"--engine paged cannot serve this model: {reason}; use --engine hf")
@@ -177,7 +184,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return FakeEngine(token_delay=args.fake_token_delay)
     if not args.model_path:
         raise SystemExit("tokenrelay worker: --model-path is required (a model folder or .gguf)")
-    if args.engine in ("paged", "batch"):  # refuse before spending minutes on loading
+    if args.engine == "paged":  # refuse before spending minutes on loading
         choose_engine(args, model_type="", reason=None)
     from .hf_engine import HFEngine
     from .loader import LoadOptions, generation_defaults, load
@@ -194,14 +201,6 @@ def build_engine(args: argparse.Namespace) -> Engine:
         )
     )
     model_type = getattr(model.config, "model_type", "")
-    if args.engine == "batch":
-        from .llama_runner import supports
-
-        if not supports(model):
-            raise SystemExit(
-                f"--engine batch supports Llama, Mistral and Qwen2 shaped models, not "
-                f"{model_type!r}; use --engine paged or hf"
-            )
     from .paged import unsupported_reason
 
     kind = choose_engine(args, model_type=model_type, reason=unsupported_reason(model))
@@ -210,15 +209,6 @@ def build_engine(args: argparse.Namespace) -> Engine:
         from .generate_engine import GenerateEngine
 
         engine = GenerateEngine(model, tokenizer)
-    elif kind == "batch":
-        from .batch_engine import BatchEngine
-
-        engine = BatchEngine(
-            model,
-            tokenizer,
-            slots=args.limit_worker_concurrency or 8,
-            max_len=args.max_model_len or 4096,
-        )
     elif kind == "paged":
         from .paged.build import build_paged_engine
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 
@@ -34,21 +35,21 @@ def test_engine_paged_for_a_model_it_cannot_run_exits_with_the_reason() -> None:
 
 
 @pytest.mark.parametrize("flags", SPREAD_OR_QUANTIZED)
-def test_auto_never_picks_batch_for_a_spread_or_quantized_model(flags: tuple[str, ...]) -> None:
-    """Bug: --engine auto chose the batch engine for a model loaded in 8 bits or split over
-    GPUs (--num-gpus > 1, --max-gpu-memory), though it reads raw weights and assumes one
-    device. Auto must fall back to hf there."""
+def test_auto_never_picks_paged_for_a_spread_or_quantized_model(flags: tuple[str, ...]) -> None:
+    """Bug: --engine auto chose the (since removed) slotted engine for a model loaded in 8
+    bits or split over GPUs (--num-gpus > 1, --max-gpu-memory), though it assumed one
+    device; the paged engine does too. Auto must fall back to hf there."""
     args = worker_args("--engine", "auto", *flags)
     assert choose_engine(args, model_type="llama", reason=None) == "hf"
 
 
 @pytest.mark.parametrize("flags", SPREAD_OR_QUANTIZED)
 @pytest.mark.parametrize("name", ["paged", "batch"])
-def test_engine_batch_with_a_spread_or_quantized_model_exits_clearly(
+def test_engine_paged_with_a_spread_or_quantized_model_exits_clearly(
     flags: tuple[str, ...], name: str
 ) -> None:
     args = worker_args("--engine", name, *flags)
-    with pytest.raises(SystemExit, match=f"--engine {name} .* one device.*--engine hf") as exc:
+    with pytest.raises(SystemExit, match="--engine paged .* one device.*--engine hf") as exc:
         choose_engine(args, model_type="llama", reason=None)
     assert flags[0] in str(exc.value)
     # and before loading anything (the model path does not even exist)
@@ -60,3 +61,14 @@ def test_engine_batch_with_a_spread_or_quantized_model_exits_clearly(
 def test_explicit_engines_are_kept(engine: str) -> None:
     args = worker_args("--engine", engine, "--load-8bit", "--num-gpus", "2")
     assert choose_engine(args, model_type="llama", reason=None) == engine
+
+
+def test_engine_batch_from_an_old_command_line_is_the_paged_engine(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slotted engine `--engine batch` named is gone; its name now runs the paged one."""
+    with caplog.at_level(logging.WARNING):
+        assert worker_args("--engine", "batch").engine == "paged"
+    assert "--engine batch is now the paged engine" in caplog.text
+    monkeypatch.setenv("TOKENRELAY_ENGINE", "batch")
+    assert worker_args().engine == "paged"

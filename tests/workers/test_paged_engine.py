@@ -1,6 +1,7 @@
 """The paged engine on the real SmolLM2, on CPU: greedy output equals ``generate()`` with
-other jobs sharing the batch; a cache too small for everyone preempts and still gives every
-job its own text; blocks all come back."""
+other jobs sharing the batch or joining mid-generation; seeds reproduce whatever shares the
+batch; a cache too small for everyone preempts and still gives every job its own text;
+cancel ends the stream; blocks all come back."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tokenrelay.workers.paged.blocks import BlockManager, BlockTable, OutOfBlock
 from tokenrelay.workers.paged.engine import PagedEngine
 from tokenrelay.workers.prompts import encode_prompt
 
-from .test_batch_engine import QUESTIONS, _collect, _job, _reference
+from .engine_helpers import QUESTIONS, chat_job, collect, reference
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,10 @@ async def test_greedy_text_equals_generate_with_others_in_the_batch(
     engine: PagedEngine, model_and_tokenizer
 ) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = model_and_tokenizer
-    jobs = [_job(q, temperature=0, max_tokens=24) for q in QUESTIONS]
-    results = await asyncio.gather(*(_collect(engine, j) for j in jobs))
+    jobs = [chat_job(q, temperature=0, max_tokens=24) for q in QUESTIONS]
+    results = await asyncio.gather(*(collect(engine, j) for j in jobs))
     for question, (texts, finish, _) in zip(QUESTIONS, results, strict=True):
-        assert texts[0] == _reference(model, tokenizer, question, 24), question
+        assert texts[0] == reference(model, tokenizer, question, 24), question
         assert finish[0] in ("stop", "length")
     assert engine.blocks.free_blocks == engine.blocks.num_blocks
 
@@ -46,18 +47,18 @@ async def test_several_steps_a_launch_give_the_same_text_and_stop_exactly(
     eng = PagedEngine(model, tokenizer, num_blocks=128, max_seqs=4, max_len=96, steps_per_launch=3)
     try:
         jobs = [
-            _job(q, temperature=0, max_tokens=n)
+            chat_job(q, temperature=0, max_tokens=n)
             for q, n in zip(QUESTIONS, (7, 24, 13, 1), strict=True)
         ]
-        results = await asyncio.gather(*(_collect(eng, j) for j in jobs))
+        results = await asyncio.gather(*(collect(eng, j) for j in jobs))
         for job, (texts, _, tokens) in zip(jobs, results, strict=True):
-            want = _reference(model, tokenizer, job.messages[0].content, job.params.max_tokens)
+            want = reference(model, tokenizer, job.messages[0].content, job.params.max_tokens)
             assert texts[0] == want
             assert tokens <= job.params.max_tokens
-        prompt = len(encode_prompt(tokenizer, _job(QUESTIONS[0])))
+        prompt = len(encode_prompt(tokenizer, chat_job(QUESTIONS[0])))
         room = 96 - prompt
-        texts, finish, tokens = await _collect(
-            eng, _job(QUESTIONS[0], temperature=0, max_tokens=room, ignore_eos=True)
+        texts, finish, tokens = await collect(
+            eng, chat_job(QUESTIONS[0], temperature=0, max_tokens=room, ignore_eos=True)
         )
         assert (tokens, finish[0]) == (room, "length")
         assert eng.blocks.free_blocks == eng.blocks.num_blocks
@@ -65,11 +66,39 @@ async def test_several_steps_a_launch_give_the_same_text_and_stop_exactly(
         eng.close()
 
 
-async def test_n_choices_share_the_prompt_and_each_finish(engine: PagedEngine) -> None:
-    texts, finish, tokens = await _collect(
-        engine, _job(QUESTIONS[1], temperature=0.9, max_tokens=16, n=3, seed=7)
+async def test_jobs_joining_mid_generation_get_the_same_greedy_text(
+    engine: PagedEngine, model_and_tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = model_and_tokenizer
+    tasks = []
+    for q in QUESTIONS:
+        job = chat_job(q, temperature=0, max_tokens=24)
+        tasks.append(asyncio.create_task(collect(engine, job)))
+        await asyncio.sleep(0.05)  # the others are mid-generation when this one joins
+    results = await asyncio.gather(*tasks)
+    for question, (texts, _, _) in zip(QUESTIONS, results, strict=True):
+        assert texts[0] == reference(model, tokenizer, question, 24), question
+    assert "Paris" in results[0][0][0]
+
+
+async def test_seed_reproduces_whatever_the_batch(engine: PagedEngine) -> None:
+    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 1234, "max_tokens": 20}
+    alone = await collect(engine, chat_job(QUESTIONS[1], **params))
+    crowd = await asyncio.gather(
+        collect(engine, chat_job(QUESTIONS[1], **params)),
+        collect(engine, chat_job(QUESTIONS[2], temperature=0.8, max_tokens=25)),
+        collect(engine, chat_job(QUESTIONS[3], temperature=0, max_tokens=15)),
     )
-    assert len(texts) == 3 and all(f is not None for f in finish) and tokens > 0
+    assert crowd[0][0] == alone[0]
+
+
+async def test_n_choices_share_the_prompt_and_each_run_to_the_limit(engine: PagedEngine) -> None:
+    texts, finish, tokens = await collect(
+        engine, chat_job(QUESTIONS[1], temperature=0.9, max_tokens=8, n=3, seed=7, ignore_eos=True)
+    )
+    assert len(texts) == 3 and all(texts)
+    assert finish == ["length"] * 3
+    assert tokens == 24
     assert engine.blocks.free_blocks == engine.blocks.num_blocks
 
 
@@ -82,12 +111,12 @@ async def test_a_full_cache_preempts_and_every_job_gets_its_own_text(
     # 12 blocks of 16 = 192 tokens; each job needs about 40 prompt + 40 new tokens
     small = PagedEngine(model, tokenizer, num_blocks=12, max_seqs=4, max_len=512)
     try:
-        jobs = [_job(q, temperature=0, max_tokens=40, ignore_eos=True) for q in QUESTIONS]
-        results = await asyncio.gather(*(_collect(small, j) for j in jobs))
+        jobs = [chat_job(q, temperature=0, max_tokens=40, ignore_eos=True) for q in QUESTIONS]
+        results = await asyncio.gather(*(collect(small, j) for j in jobs))
         assert small.preemptions > 0
         for question, (texts, _, tokens) in zip(QUESTIONS, results, strict=True):
-            alone = await _collect(
-                small, _job(question, temperature=0, max_tokens=40, ignore_eos=True)
+            alone = await collect(
+                small, chat_job(question, temperature=0, max_tokens=40, ignore_eos=True)
             )
             assert texts == alone[0] and tokens == 40, question
         assert small.blocks.free_blocks == small.blocks.num_blocks
@@ -96,10 +125,13 @@ async def test_a_full_cache_preempts_and_every_job_gets_its_own_text(
 
 
 async def test_cancel_frees_the_blocks(engine: PagedEngine) -> None:
-    job = _job(QUESTIONS[3], temperature=0, max_tokens=400, ignore_eos=True)
+    job = chat_job(QUESTIONS[3], temperature=0, max_tokens=400, ignore_eos=True)
     handle = engine.submit(job)
-    async for _ in handle.stream():
+    events = 0
+    async for batch in handle.stream():
+        events += len(batch)
         engine.cancel(job.id)
+    assert events < 20  # of 400: the stream ends within a few steps
     for _ in range(100):
         if engine.blocks.free_blocks == engine.blocks.num_blocks:
             break

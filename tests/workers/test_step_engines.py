@@ -8,7 +8,7 @@ import pytest
 from tokenrelay.workers.generate_engine import GenerateEngine
 from tokenrelay.workers.hf_engine import HFEngine
 
-from .test_batch_engine import QUESTIONS, _collect, _job, _reference
+from .engine_helpers import QUESTIONS, chat_job, collect, reference
 
 
 @pytest.fixture(scope="module", params=[HFEngine, GenerateEngine], ids=["hf", "generate"])
@@ -21,14 +21,16 @@ def engine(request, model_and_tokenizer):  # type: ignore[no-untyped-def]
 
 async def test_greedy_equals_generate(engine, model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = model_and_tokenizer
-    texts, finish, tokens = await _collect(engine, _job(QUESTIONS[0], temperature=0, max_tokens=20))
-    assert texts[0] == _reference(model, tokenizer, QUESTIONS[0], 20)
+    texts, finish, tokens = await collect(
+        engine, chat_job(QUESTIONS[0], temperature=0, max_tokens=20)
+    )
+    assert texts[0] == reference(model, tokenizer, QUESTIONS[0], 20)
     assert "Paris" in texts[0]
     assert finish[0] == "stop" and tokens > 0
 
 
 async def test_cancel_ends_the_job(engine) -> None:  # type: ignore[no-untyped-def]
-    job = _job(QUESTIONS[1], temperature=1.0, max_tokens=300, ignore_eos=True)
+    job = chat_job(QUESTIONS[1], temperature=1.0, max_tokens=300, ignore_eos=True)
     handle = engine.submit(job)
     events = 0
     async for batch in handle.stream():

@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="baseline,engine,stack",
         help="comma-separated: baseline (FastChat's way: generate(), one at a "
         "time, in-process), engine (the paged engine in-process, at its defaults, with a "
-        "decode-step profile against the floor on CUDA), batch (the older slotted engine), "
-        "stack (API + Redis + a worker started with --model-path and --device only, over "
-        "HTTP), http (an already running server: --api-url)",
+        "decode-step profile against the floor on CUDA), stack (API + Redis + a worker "
+        "started with --model-path and --device only, over HTTP), http (an already "
+        "running server: --api-url)",
     )
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -151,7 +151,6 @@ def _in_process(
 ) -> list[dict[str, object]]:
     import torch
 
-    from tokenrelay.workers.batch_engine import BatchEngine
     from tokenrelay.workers.generate_engine import GenerateEngine
     from tokenrelay.workers.loader import LoadOptions, load
 
@@ -189,17 +188,6 @@ def _in_process(
             _log(f"engine loop, ms per step at concurrency {c}: {engine.clock.report()}")
         engine.close()
         del engine
-    if "batch" in modes:
-        # the older slotted engine at its defaults (4096 tokens a slot), as many slots as
-        # the load needs while they fit
-        engine = BatchEngine(model, tokenizer, slots=min(max(levels), 128), max_len=4096)
-        for c in [c for c in levels if c <= 128]:
-            rows.append(_measure_engine(engine, workload, c, _requests(args, c), "batch"))
-            rows[-1]["roofline_tok_s"] = roofline(c)
-        engine.close()
-        del engine
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
     del model
     gc.collect()
     if args.device == "cuda":
