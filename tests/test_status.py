@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -126,9 +127,18 @@ def test_status_command_watch_redraws(stack: Stack) -> None:
          "--key-prefix", stack.prefix, "--watch", "0.3"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(4)
+    # Read as it draws and stop after two frames (not after a sleep of 4 s, within which a
+    # loaded machine had not even started the command); 60 s guards only a hang.
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "".join(lines).count("\x1b[H\x1b[2J") < 3:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=20)
+    proc.wait(timeout=60)
+    reader.join(timeout=60)
+    out = "".join(lines)
     assert proc.returncode == 0
     assert out.count("\x1b[H\x1b[2J") >= 2 and out.count("MODEL") >= 2
 

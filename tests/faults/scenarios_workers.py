@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tokenrelay.queueing.keys import Keys
+from tokenrelay.queueing.keys import GROUP, Keys
 
 from ..stack import Process, Stack
 from .client import bounded, finish, http_client, redis_client, request
@@ -89,13 +89,16 @@ async def long_generation(stack: Stack, *, n: int, size: str, seed: int = 8) -> 
 
     # Phase 2: only `first` is left to take the jobs, then it dies.
     await asyncio.to_thread(stack.processes[-1].kill, signal.SIGTERM)
-    dying = [Outcome(n + i, stream=False, max_tokens=150) for i in range(n)]
-    async with http_client(stack, timeout=60) as client:
+    # 400 tokens x 20 ms = 8 s each: `first` dies while it holds every one of them, found
+    # by asking Redis (not after a sleep that a slow machine outlasts: its jobs then
+    # finished on their first attempt and nothing was reclaimed)
+    dying = [Outcome(n + i, stream=False, max_tokens=400) for i in range(n)]
+    async with http_client(stack, timeout=120) as client:
         tasks = [asyncio.create_task(request(client, o)) for o in dying]
-        await asyncio.sleep(1.5)  # half-way through every generation
-        await asyncio.to_thread(stack.fake_worker, *LONG, "--limit-worker-concurrency", str(n))
+        await _until_pending(stack, n)
         await asyncio.to_thread(first.kill)
         s.faults = 1
+        await asyncio.to_thread(stack.fake_worker, *LONG, "--limit-worker-concurrency", str(n))
         await asyncio.gather(*tasks)
     await finish(stack, live + dying, s, started)
     s.redelivered -= phase1.redelivered
@@ -112,6 +115,21 @@ async def long_generation(stack: Stack, *, n: int, size: str, seed: int = 8) -> 
     if set(attempts) != {2}:
         s.violations.append(f"jobs of the dead worker ended on attempts {sorted(attempts)}")
     return s
+
+
+async def _until_pending(stack: Stack, n: int, guard: float = 120.0) -> None:
+    """Wait until ``n`` jobs are delivered and not acknowledged (60+ s is a hang)."""
+    r = redis_client(stack)
+    deadline = time.monotonic() + guard
+    try:
+        while time.monotonic() < deadline:
+            info = await r.xpending(Keys(stack.prefix).jobs(MODEL), GROUP)
+            if int(info["pending"]) >= n:
+                return
+            await asyncio.sleep(0.02)
+    finally:
+        await r.aclose()
+    raise AssertionError(f"{n} jobs were not all delivered within {guard} s")
 
 
 # ---------------------------------------------------------------------------------------------
