@@ -57,7 +57,7 @@ def test_without_serve_the_defaults_are_localhost() -> None:
     resolve_urls(ui)
     assert (ui.api_url, ui.redis_url) == (runtime.DEFAULT_API_URL, None)  # votes in memory
     bench = _args("bench", "--modes", "http")
-    assert _http_target(bench) == ("http://127.0.0.1:8000", "bench")
+    assert _http_target(bench) == ("http://127.0.0.1:8000", "bench", "synthetic")
 
 
 def test_status_worker_chat_ui_bench_default_to_the_running_serve() -> None:
@@ -70,7 +70,8 @@ def test_status_worker_chat_ui_bench_default_to_the_running_serve() -> None:
     ui = _args("ui")
     resolve_urls(ui)
     assert (ui.api_url, ui.redis_url) == (SERVE_API, SERVE_REDIS)
-    assert _http_target(_args("bench", "--modes", "http")) == ("http://127.0.0.1:40002", "demo")
+    url, model, tokenizer = _http_target(_args("bench", "--modes", "http"))
+    assert (url, model, tokenizer) == ("http://127.0.0.1:40002", "demo", _serve().model_path)
 
 
 def test_a_flag_or_its_variable_wins_over_the_runtime_file(
@@ -83,7 +84,7 @@ def test_a_flag_or_its_variable_wins_over_the_runtime_file(
     assert runtime.redis_url(_args("worker").redis_url) == given
     monkeypatch.setenv("TOKENRELAY_API_URL", "http://api:9000/v1")
     assert runtime.api_url(_args("chat").api_url) == "http://api:9000/v1"
-    assert _http_target(_args("bench", "--api-url", "http://api:9000")) == (
+    assert _http_target(_args("bench", "--api-url", "http://api:9000"))[:2] == (
         "http://api:9000",
         "bench",
     )
