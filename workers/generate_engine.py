@@ -1,7 +1,7 @@
 """FastChat's way, kept as a baseline: one request at a time through ``model.generate()``.
 
 FastChat's HF worker streams one request at a time with plain ``generate()``; the
-benchmark runs this engine beside the batch engine to measure what batching buys.
+benchmark runs this engine beside the paged engine to measure what batching buys.
 """
 
 from __future__ import annotations
