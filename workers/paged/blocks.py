@@ -17,15 +17,17 @@ class OutOfBlocks(Exception):
     """Not enough free blocks for what was asked; nothing was taken."""
 
 
+def cache_row(blocks: list[int], position: int, block_size: int) -> int:
+    """The cache row (block * block_size + offset) holding ``position`` of a sequence
+    whose block table is ``blocks``."""
+    return blocks[position // block_size] * block_size + position % block_size
+
+
 @dataclass
 class BlockTable:
     """One sequence's blocks, in position order."""
 
     blocks: list[int] = field(default_factory=list)
-
-    def slot(self, position: int, block_size: int) -> int:
-        """The cache row (block * block_size + offset) holding ``position``."""
-        return self.blocks[position // block_size] * block_size + position % block_size
 
 
 class BlockManager:

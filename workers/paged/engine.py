@@ -27,7 +27,7 @@ from ..text import TextTracker
 from .blocks import BlockManager, BlockTable, OutOfBlocks
 from .cache import CacheShape, KVCache
 from .clock import LoopClock
-from .runner import ModelRunner, SeqInput
+from .runner import ModelRunner, SeqInput, to_device
 from .sequences import Run, Seq, Step
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class PagedEngine(ThreadedEngine):
                 params.append(run.job.params)
                 generators.append(seeded)
             run.fresh = False
-        picked = sample_rows(logits[_to(self.device, rows)], params, generators, self._shared)
+        picked = sample_rows(logits[to_device(self.device, rows)], params, generators, self._shared)
         for run in fresh:
             for seq in run.seqs:
                 seq.on_device = True
@@ -297,7 +297,7 @@ class PagedEngine(ThreadedEngine):
         order += [s for s in seqs if len(s.tokens) <= self.prefill_budget]
         logits = torch.cat(out)
         index = {id(s): i for i, s in enumerate(order)}
-        return logits[_to(self.device, [index[id(s)] for s in seqs])]
+        return logits[to_device(self.device, [index[id(s)] for s in seqs])]
 
     def _fill(self, seq: Seq, tokens: list[int]) -> torch.Tensor:
         """Run ``tokens`` into the cache from position 0 in budget-sized chunks."""
@@ -376,12 +376,14 @@ class PagedEngine(ThreadedEngine):
         if not live:
             return None
         rows = {id(s): i for i, (_, s) in enumerate(p for step in previous for p in step.live)}
-        tokens = _to(self.device, [s.last for _, s in live])
+        tokens = to_device(self.device, [s.last for _, s in live])
         from_device = [s.on_device and id(s) in rows for _, s in live]
         if previous and any(from_device):
-            index = _to(self.device, [rows.get(id(s), 0) for _, s in live])
+            index = to_device(self.device, [rows.get(id(s), 0) for _, s in live])
             lasts = torch.cat([step.picked[-1] for step in previous])
-            tokens = torch.where(_to(self.device, from_device, torch.bool), lasts[index], tokens)
+            tokens = torch.where(
+                to_device(self.device, from_device, torch.bool), lasts[index], tokens
+            )
         inputs = [SeqInput([], s.length, s.table.blocks) for _, s in live]
         params = [r.job.params for r, _ in live]
         generators = [r.generator if r.job.params.seed is not None else None for r, _ in live]
@@ -472,7 +474,3 @@ def fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], st
         return decode(ids, skip_special_tokens=True)  # type: ignore[no-any-return]
 
     return run
-
-
-def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:  # type: ignore[type-arg]
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

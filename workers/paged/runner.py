@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import attention
+from .blocks import cache_row
 from .cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class ModelRunner:
         positions = [s.start + i for s in seqs for i in range(len(s.tokens))]
         bs = self.cache.block_size
         slots = [
-            s.blocks[p // bs] * bs + p % bs
+            cache_row(s.blocks, p, bs)
             for s in seqs
             for p in range(s.start, s.start + len(s.tokens))
         ]
@@ -79,10 +80,10 @@ class ModelRunner:
         tables = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
         seq_lens = [s.start + len(s.tokens) for s in seqs]
         paged = attention.PagedBatch(
-            slot_mapping=_to(self.device, slots),
-            block_tables=_to(self.device, tables, torch.int32),
-            seq_lens=_to(self.device, seq_lens, torch.int32),
-            query_start=_to(self.device, starts, torch.int32),
+            slot_mapping=to_device(self.device, slots),
+            block_tables=to_device(self.device, tables, torch.int32),
+            seq_lens=to_device(self.device, seq_lens, torch.int32),
+            query_start=to_device(self.device, starts, torch.int32),
             max_query_len=max(lengths),
             max_seq_len=max(seq_lens),
             caches=self.cache.layers,
@@ -91,9 +92,9 @@ class ModelRunner:
             use_triton=self.use_triton,
         )
         return self._run(
-            _to(self.device, tokens)[None],
-            _to(self.device, positions)[None],
-            _to(self.device, [n - 1 for n in starts[1:]]),
+            to_device(self.device, tokens)[None],
+            to_device(self.device, positions)[None],
+            to_device(self.device, [n - 1 for n in starts[1:]]),
             paged,
         )
 
@@ -145,12 +146,9 @@ class ModelRunner:
         later = None
         if steps > 1:
             bs = self.cache.block_size
-            later = _to(
+            later = to_device(
                 self.device,
-                [
-                    [s.blocks[(s.start + j) // bs] * bs + (s.start + j) % bs for s in seqs]
-                    for j in range(1, steps)
-                ],
+                [[cache_row(s.blocks, s.start + j, bs) for s in seqs] for j in range(1, steps)],
             )
         out = []
         for j in range(steps):
@@ -165,17 +163,17 @@ class ModelRunner:
         """An eager decode step whose input tokens are already on the device."""
         bs = self.cache.block_size
         batch = len(seqs)
-        slots = [s.blocks[s.start // bs] * bs + s.start % bs for s in seqs]
+        slots = [cache_row(s.blocks, s.start, bs) for s in seqs]
         width = max(len(s.blocks) for s in seqs)
         seq_lens = [s.start + 1 for s in seqs]
         starts = list(range(batch + 1))
         paged = attention.PagedBatch(
-            slot_mapping=_to(self.device, slots),
-            block_tables=_to(
+            slot_mapping=to_device(self.device, slots),
+            block_tables=to_device(
                 self.device, [s.blocks + [0] * (width - len(s.blocks)) for s in seqs], torch.int32
             ),
-            seq_lens=_to(self.device, seq_lens, torch.int32),
-            query_start=_to(self.device, starts, torch.int32),
+            seq_lens=to_device(self.device, seq_lens, torch.int32),
+            query_start=to_device(self.device, starts, torch.int32),
             max_query_len=1,
             max_seq_len=max(seq_lens),
             caches=self.cache.layers,
@@ -183,7 +181,7 @@ class ModelRunner:
             query_start_host=starts,
             use_triton=self.use_triton,
         )
-        positions = _to(self.device, [s.start for s in seqs])
+        positions = to_device(self.device, [s.start for s in seqs])
         keep = torch.arange(batch, device=self.device)
         return self._run(tokens[None], positions[None], keep, paged)
 
@@ -276,7 +274,7 @@ class _Graph:
         host = torch.zeros(4 * rows + rows * width, dtype=torch.long)
         host[:batch] = torch.tensor([s.start for s in seqs])
         host[rows : rows + batch] = torch.tensor(
-            [s.blocks[s.start // block_size] * block_size + s.start % block_size for s in seqs]
+            [cache_row(s.blocks, s.start, block_size) for s in seqs]
         )
         host[rows + batch : 2 * rows] = scratch
         host[2 * rows : 2 * rows + batch] = host[:batch] + 1
@@ -300,6 +298,6 @@ class _Graph:
         self.paged.slot_mapping[:batch].copy_(slots)
 
 
-def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> Tensor:  # type: ignore[type-arg]
+def to_device(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> Tensor:  # type: ignore[type-arg]
     """A small host list on the device without waiting for the device's queue."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
