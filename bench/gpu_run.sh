@@ -10,4 +10,5 @@ what=$1; shift
 case $what in
   check) python3 bench/paged_gpu_check.py ;;
   bench) python3 -P -m tokenrelay bench "$@" ;;
+  py) python3 -P "$@" ;;
 esac

@@ -78,45 +78,62 @@ def sample_rows(
     generators: list[torch.Generator | None],
     shared: torch.Generator,
 ) -> torch.Tensor:
-    """Sample one token per row of (rows, vocab) logits in a few batched kernels.
+    """Sample one token per row of (rows, vocab) logits; see ``BatchSampler``."""
+    return BatchSampler(params, generators, shared, logits.device)(logits)
+
+
+class BatchSampler:
+    """Samples one token per row of (rows, vocab) logits in a few batched kernels.
 
     Each row has its own parameters (None = an idle row, taken greedily). Sampling is an
     exponential race, argmax(p / E) with E ~ Exp(1), which draws from p exactly; a row with
     its own generator (a request with a seed) draws its own E, so its tokens do not depend on
-    what else is in the batch.
+    what else is in the batch. The per-row parameters go to the device once, so a run of
+    decode steps over the same rows pays for them once.
     """
-    greedy = logits.argmax(dim=-1)
-    live = [p for p in params if p is not None and p.temperature > 0]
-    if not live:
-        return greedy
-    device = logits.device
-    temps = _on(device, [p.temperature if p else 0.0 for p in params])
-    scaled = logits.float() / temps.clamp(min=1e-5)[:, None]
-    filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in live)
-    if filtered:
-        scaled, order = _filter(scaled, params)
-    noise = torch.empty_like(scaled).exponential_(generator=shared)
-    for row, generator in enumerate(generators):
-        if generator is not None:
+
+    def __init__(
+        self,
+        params: list[SamplingParams | None],
+        generators: list[torch.Generator | None],
+        shared: torch.Generator,
+        device: torch.device,
+    ) -> None:
+        live = [p for p in params if p is not None and p.temperature > 0]
+        self.greedy_only = not live
+        self.shared = shared
+        self.seeded = [(row, g) for row, g in enumerate(generators) if g is not None]
+        self.filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in live)
+        if self.greedy_only:
+            return
+        self.temps = _on(device, [p.temperature if p else 0.0 for p in params])
+        if self.filtered:
+            self.top_k = _on(device, [p.top_k if p and p.top_k > 0 else 1 << 30 for p in params])
+            self.top_p = _on(device, [p.top_p if p else 1.0 for p in params])
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if self.greedy_only:
+            return greedy
+        scaled = logits.float() / self.temps.clamp(min=1e-5)[:, None]
+        if self.filtered:
+            scaled, order = self._filter(scaled)
+        noise = torch.empty_like(scaled).exponential_(generator=self.shared)
+        for row, generator in self.seeded:
             noise[row].exponential_(generator=generator)
-    picked = (torch.softmax(scaled, dim=-1) / noise).argmax(dim=-1)
-    if filtered:
-        picked = order.gather(-1, picked[:, None])[:, 0]
-    return torch.where(temps > 0, picked, greedy)
+        picked = (torch.softmax(scaled, dim=-1) / noise).argmax(dim=-1)
+        if self.filtered:
+            picked = order.gather(-1, picked[:, None])[:, 0]
+        return torch.where(self.temps > 0, picked, greedy)
 
-
-def _filter(scaled: torch.Tensor, params: list[SamplingParams | None]) -> tuple[torch.Tensor, ...]:
-    """Top-k and top-p per row, on the logits sorted in descending order."""
-    vocab = scaled.shape[-1]
-    device = scaled.device
-    top_k = _on(device, [(p.top_k or vocab) if p else vocab for p in params])
-    top_p = _on(device, [p.top_p if p else 1.0 for p in params])
-    ordered, order = torch.sort(scaled, descending=True, dim=-1)
-    rank = torch.arange(vocab, device=device)[None]
-    ordered = ordered.masked_fill(rank >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(ordered, dim=-1)
-    ordered = ordered.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))
-    return ordered, order
+    def _filter(self, scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k and top-p per row, on the logits sorted in descending order."""
+        ordered, order = torch.sort(scaled, descending=True, dim=-1)
+        rank = torch.arange(scaled.shape[-1], device=scaled.device)[None]
+        ordered = ordered.masked_fill(rank >= self.top_k[:, None], float("-inf"))
+        probs = torch.softmax(ordered, dim=-1)
+        drop = probs.cumsum(-1) - probs >= self.top_p[:, None]
+        return ordered.masked_fill(drop, float("-inf")), order
 
 
 def _on(device: torch.device, values: list[float] | list[int]) -> torch.Tensor:

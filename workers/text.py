@@ -27,7 +27,12 @@ class TextTracker:
 
     def add(self, token_id: int) -> str:
         """Add a token; returns the new text that is safe to send (maybe empty)."""
-        self.token_ids.append(token_id)
+        return self.add_many([token_id])
+
+    def add_many(self, token_ids: list[int]) -> str:
+        """Add several tokens at once (one decode for all of them); returns the new text
+        that is safe to send. A stop string among them ends the text where it starts."""
+        self.token_ids += token_ids
         self._decode_new(final=False)
         hit = self._find_stop()
         if hit is not None:

@@ -1,5 +1,6 @@
 """The Triton paged-attention kernel under Triton's CPU interpreter, against the float32
-torch reference: shuffled block tables, ragged lengths, GQA, windows, softcap, split-KV."""
+torch reference: shuffled block tables, ragged lengths, GQA, windows, softcap, split-KV; and
+the key/value write kernel against ``index_copy_``."""
 
 from __future__ import annotations
 
@@ -83,3 +84,7 @@ def test_kernel_matches_reference_under_interpreter() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     run_cases()
+    from workers.paged.triton_cache import check
+
+    check()  # the one-launch key/value write against index_copy_
+    print("write_kv: equal")

@@ -60,3 +60,13 @@ def test_partial_stop_is_held_back_then_released(tokenizer) -> None:  # type: ig
     out, tracker = _run(tokenizer, "The capital of France is Paris.", ["Parrot"])
     assert out == "The capital of France is Paris."
     assert not tracker.stopped
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+@pytest.mark.parametrize("size", [2, 4, 7])
+def test_tokens_added_in_groups_give_the_same_text(tokenizer, text: str, size: int) -> None:  # type: ignore[no-untyped-def]
+    # the paged engine adds a run of decode steps' tokens at once
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tracker = TextTracker(lambda i: tokenizer.decode(i, skip_special_tokens=True), [])
+    out = "".join(tracker.add_many(ids[i : i + size]) for i in range(0, len(ids), size))
+    assert out + tracker.flush() == tokenizer.decode(ids, skip_special_tokens=True)

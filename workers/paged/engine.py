@@ -22,7 +22,7 @@ from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
 from ..engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from ..hf_engine import eos_ids
 from ..prompts import encode_prompt
-from ..sampling import make_generator, sample_rows
+from ..sampling import BatchSampler, make_generator, sample_rows
 from ..text import TextTracker
 from .blocks import BlockManager, BlockTable, OutOfBlocks
 from .cache import CacheShape, KVCache
@@ -385,12 +385,12 @@ class PagedEngine(ThreadedEngine):
                 to_device(self.device, from_device, torch.bool), lasts[index], tokens
             )
         inputs = [SeqInput([], s.length, s.table.blocks) for _, s in live]
-        params = [r.job.params for r, _ in live]
-        generators = [r.generator if r.job.params.seed is not None else None for r, _ in live]
-
-        def sample(logits: torch.Tensor) -> torch.Tensor:
-            return sample_rows(logits, list(params), generators, self._shared)
-
+        sample = BatchSampler(
+            [r.job.params for r, _ in live],
+            [r.generator if r.job.params.seed is not None else None for r, _ in live],
+            self._shared,
+            self.device,
+        )
         picked = self.runner.decode_steps(tokens, inputs, steps, sample)
         for _, s in live:
             s.length += steps
@@ -398,55 +398,81 @@ class PagedEngine(ThreadedEngine):
         return Step(live, picked)
 
     def _finish_step(self, step: Step) -> None:
-        """Wait for a launched run of steps; emit text and finish reasons, step by step."""
+        """Wait for a launched run of steps; emit each job's new text and finish reasons,
+        one event a job for the whole run of steps."""
         picked = step.tokens()  # (steps, B)
         self.clock.lap("wait")
-        runs: dict[int, tuple[Run, list[int]]] = {}
+        runs: dict[int, tuple[Run, dict[int, int]]] = {}
         for row, (run, s) in enumerate(step.live):
             if run.ended or s.finish is not None:
                 continue
-            runs.setdefault(id(run), (run, []))[1].append(row)
-        seq_rows = {id(s): row for row, (_, s) in enumerate(step.live)}
+            runs.setdefault(id(run), (run, {}))[1][id(s)] = row
+        columns = list(zip(*picked, strict=True))  # per row: its token at each step
         events = []
-        for run, _ in runs.values():
-            for tokens in picked:
-                if run.done:
-                    break
-                got = [tokens[seq_rows[id(s)]] if id(s) in seq_rows else -1 for s in run.seqs]
-                event = self._advance(run, got)
-                if event:
-                    events.append((run.handle, event))
+        for run, rows in runs.values():
+            got = [list(columns[rows[id(s)]]) if id(s) in rows else [] for s in run.seqs]
+            event = self._advance(run, got)
+            if event:
+                events.append((run.handle, event))
         if events:
             JobHandle.put_all(events[0][0].loop, events)
         self.clock.lap("detokenize")
 
-    def _advance(self, run: Run, tokens: list[int]) -> EngineEvent | None:
-        """Take one new token per live choice (-1: none this step); emit text and
-        finish reasons."""
-        run.generated += 1
+    def _advance(self, run: Run, tokens: list[list[int]]) -> EngineEvent | None:
+        """Take each live choice's new tokens (one a step, ``tokens[index]``); emit their
+        text and finish reasons."""
+        steps = max(map(len, tokens), default=0)
         deltas = []
-        for index, (seq, token) in enumerate(zip(run.seqs, tokens, strict=True)):
-            if seq.finish is not None or token < 0:
+        for index, (seq, new) in enumerate(zip(run.seqs, tokens, strict=True)):
+            if seq.finish is not None or not new:
                 continue
-            run.completion_tokens += 1
-            seq.last = token
-            seq.tokens.append(token)
-            text = ""
-            if token in run.stop_ids:
-                text, seq.finish = seq.tracker.flush(), "stop"
-            else:
-                text = seq.tracker.add(token)
-                if seq.tracker.stopped:
-                    seq.finish = "stop"
-                elif run.generated >= run.max_tokens or len(seq.tokens) >= self.max_context:
-                    text, seq.finish = text + seq.tracker.flush(), "length"
+            text, taken = self._take(run, seq, new)
+            run.completion_tokens += taken
             if text or seq.finish:
-                deltas.append(ChoiceDelta(index=index, text=text, finish_reason=seq.finish))
+                deltas.append(
+                    ChoiceDelta.model_construct(index=index, text=text, finish_reason=seq.finish)
+                )
             if seq.finish is not None:
                 self.blocks.free(seq.table)
+        run.generated += steps
         if not deltas:
             return None
         return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
+
+    def _take(self, run: Run, seq: Seq, new: list[int]) -> tuple[str, int]:
+        """Append ``new`` (one token a step from step ``run.generated + 1`` on) to ``seq``
+        up to where it finishes; returns the text to send and the tokens taken."""
+        kept = []
+        for j, token in enumerate(new):
+            kept.append(token)
+            if token in run.stop_ids:
+                seq.finish = "stop"
+            elif (
+                run.generated + j + 1 >= run.max_tokens
+                or len(seq.tokens) + len(kept) >= self.max_context
+            ):
+                seq.finish = "length"
+            if seq.finish:
+                break
+        seq.tokens += kept
+        seq.last = kept[-1]
+        tracker = seq.tracker
+        text = ""
+        if tracker.stop:  # a stop string may end the text at any token: one at a time
+            for j, token in enumerate(kept):
+                if token in run.stop_ids:
+                    return text + tracker.flush(), j + 1
+                text += tracker.add(token)
+                if tracker.stopped:
+                    seq.finish = "stop"
+                    del seq.tokens[len(seq.tokens) - len(kept) + j + 1 :]
+                    seq.last = token
+                    return text, j + 1
+        else:
+            text = tracker.add_many(kept[:-1] if seq.finish == "stop" else kept)
+        if seq.finish:
+            text += tracker.flush()
+        return text, len(kept)
 
     def _end(self, run: Run, error: BaseException | None = None) -> None:
         if run.ended:

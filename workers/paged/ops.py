@@ -25,8 +25,8 @@ def paged_attention_op(
     sliding_window: int,
     softcap: float,
 ) -> Tensor:
-    from .attention import write_kv
     from .triton_attention import paged_attention
+    from .triton_cache import write_kv
 
     write_kv(k_cache, v_cache, key, value, slot_mapping)
     return paged_attention(

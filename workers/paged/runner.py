@@ -21,6 +21,7 @@ from torch import Tensor
 from . import attention
 from .blocks import cache_row
 from .cache import KVCache
+from .fuse import fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ModelRunner:
     ) -> None:
         attention.register()
         model.set_attn_implementation(attention.IMPLEMENTATION)
+        fuse_projections(model)
         self.model = model
         self.cache = cache
         self.device = cache.device
