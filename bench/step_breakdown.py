@@ -88,6 +88,8 @@ def profile_step(engine, batch: int, context: int, iters: int) -> dict:
         "kernels_per_step": sum(counts.values()) // iters,
         "groups_us": {k: round(v / iters, 1) for k, v in groups.most_common()},
         "top": top,
+        "kernels": [(name[:90], round(t / iters, 1), counts[name] // iters)
+                    for name, t in kernels.most_common()],
         "sample_ms_host_timed": round(sample_ms, 3),
     }
 
@@ -158,9 +160,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default="breakdown.json")
+    parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM-alone table")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    result: dict = {"gemm": gemm_table(batches)}
+    result: dict = {"gemm": [] if args.no_gemm else gemm_table(batches)}
     print(json.dumps(result["gemm"], indent=1), flush=True)
     t0 = time.time()
     model = random_llama("8b", "cuda", torch.bfloat16)
