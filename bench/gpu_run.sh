@@ -11,5 +11,7 @@ case $what in
   check) python3 bench/paged_gpu_check.py ;;
   bench) python3 -P -m tokenrelay bench "$@" ;;
   py) python3 -P "$@" ;;
-  tests) python3 -m pytest -p no:cacheprovider -q "$@" ;;
+  tests)  # from a copy, so that the checkout's tokenrelay/ does not shadow the installed one
+    rm -rf /tmp/tt && mkdir /tmp/tt && cp -r tests pyproject.toml /tmp/tt/ && cd /tmp/tt
+    python3 -m pytest -p no:cacheprovider -q "$@" ;;
 esac

@@ -227,14 +227,15 @@ class ModelRunner:
         )
 
     def _compile_prefill(self) -> None:
-        """Compile the prefill pass now, on two packed prompts written to blocks 0-2 (free
-        at start; whatever is written there is overwritten before it is read)."""
+        """Compile the prefill pass now, on one prompt and then two packed ones, written
+        to blocks 0 and 1 (free at start; what is written there is overwritten before it
+        is read)."""
         self._prefill_fn = torch.compile(self._prefill_pass, dynamic=True)
         try:
-            blocks = [0, 1, 2][: self.cache.num_blocks]
             bs = self.cache.block_size
-            self.forward([SeqInput([1] * min(3, bs), 0, blocks[:1])])
-            self.forward([SeqInput([1] * 5, 0, blocks[:1]), SeqInput([2] * bs, 0, blocks[1:2])])
+            other = min(1, self.cache.num_blocks - 1)
+            self.forward([SeqInput([1] * min(3, bs), 0, [0])])
+            self.forward([SeqInput([1] * 5, 0, [0]), SeqInput([2] * bs, 0, [other])])
         except Exception:
             log.exception(
                 "torch.compile of the prefill pass failed; running it uncompiled. "
