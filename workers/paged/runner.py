@@ -58,9 +58,6 @@ class ModelRunner:
         # a time, which at batch 1 cost more than reading the weights
         self.compiled = self.use_graphs
         self._decode_fn = self._run
-        # prefill (and any step over max_batch) compiled with every size symbolic: it runs
-        # at a new shape each time, and uncompiled its host time alone was ~20 ms a pass
-        self._prefill_fn = self._run
         self.max_batch = 0
         self.buckets: list[int] = []
 
@@ -98,31 +95,12 @@ class ModelRunner:
             query_start_host=None if self.use_triton else starts,
             use_triton=self.use_triton,
         )
-        return self._prefill_fn(
+        return self._run(
             to_device(self.device, tokens)[None],
             to_device(self.device, positions)[None],
             to_device(self.device, [n - 1 for n in starts[1:]]),
             paged,
         )
-
-    def _prefill_pass(
-        self, ids: Tensor, positions: Tensor, keep: Tensor, paged: attention.PagedBatch
-    ) -> Tensor:
-        """``_run`` under a code object of its own, so the compiler keeps the prefill's
-        dynamic graph apart from the decode step's."""
-        return self._run(ids, positions, keep, paged)
-
-    def _run(
-        self, ids: Tensor, positions: Tensor, keep: Tensor, paged: attention.PagedBatch
-    ) -> Tensor:
-        out = self.model(
-            input_ids=ids,
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=keep,
-            paged=paged,
-        )
-        return out.logits[0].float()
 
     # decode
 
@@ -208,7 +186,6 @@ class ModelRunner:
         self._pool = torch.cuda.graph_pool_handle()
         if self.compiled:
             self._decode_fn = torch.compile(self._run, dynamic=False)
-            self._compile_prefill()
         for bucket in reversed(self.buckets):  # largest first: the others reuse its memory
             try:
                 self._capture(bucket)
@@ -225,23 +202,6 @@ class ModelRunner:
         log.info(
             "captured %d decode graphs (batch sizes %s)", len(self._graphs), sorted(self._graphs)
         )
-
-    def _compile_prefill(self) -> None:
-        """Compile the prefill pass now, on one prompt and then two packed ones, written
-        to blocks 0 and 1 (free at start; what is written there is overwritten before it
-        is read)."""
-        self._prefill_fn = torch.compile(self._prefill_pass, dynamic=True)
-        try:
-            bs = self.cache.block_size
-            other = min(1, self.cache.num_blocks - 1)
-            self.forward([SeqInput([1] * min(3, bs), 0, [0])])
-            self.forward([SeqInput([1] * 5, 0, [0]), SeqInput([2] * bs, 0, [other])])
-        except Exception:
-            log.exception(
-                "torch.compile of the prefill pass failed; running it uncompiled. "
-                "--enforce-eager skips the attempt."
-            )
-            self._prefill_fn = self._run
 
     def _capture(self, bucket: int) -> _Graph:
         dev = self.device
