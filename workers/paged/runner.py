@@ -102,6 +102,18 @@ class ModelRunner:
             paged,
         )
 
+    def _run(
+        self, ids: Tensor, positions: Tensor, keep: Tensor, paged: attention.PagedBatch
+    ) -> Tensor:
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=keep,
+            paged=paged,
+        )
+        return out.logits[0].float()
+
     # decode
 
     @torch.inference_mode()
