@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.paged.triton_attention import reference_attention  # noqa: E402
+from workers.paged.triton_attention import reference_attention
 
 BLOCK = 16
 # name, batch, context: the engine's decode shapes (Llama 3 8B: 32 heads, 8 KV heads, D 128)
@@ -116,11 +116,10 @@ def main() -> None:
             calls_flex.append(run_flex)
             if not args.smoke:
 
-                def run_ours(k=k, v=v, table=table):  # type: ignore[no-untyped-def]
+                def run_ours(k=k, v=v, table=table, q=q, lens=seq_lens, starts=starts, ctx=ctx):  # type: ignore[no-untyped-def]
                     return paged_attention(
-                        q, k, v, table, seq_lens, starts, dim**-0.5,
-                        max_query_len=1, max_seq_len=ctx,
-                    )  # fmt: skip
+                        q, k, v, table, lens, starts, dim**-0.5, max_query_len=1, max_seq_len=ctx
+                    )
 
                 calls_ours.append(run_ours)
         k, v, table = caches[0]
@@ -129,7 +128,7 @@ def main() -> None:
             got = calls_flex[0]().transpose(1, 2).reshape(batch, heads, dim).float()
             err = ((got - ref).norm() / ref.norm()).item()
             row: dict[str, object] = {"case": name, "flex_rel_err": float(f"{err:.2e}")}
-        except Exception as exc:  # noqa: BLE001 - report and go on
+        except Exception as exc:  # report and go on
             err, calls_flex = 0.0, []
             row = {"case": name, "flex": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
         if not args.smoke:
@@ -144,7 +143,7 @@ def main() -> None:
                     us = bench(graphed(calls)) / len(calls) * 1e6
                     row[label] = round(us, 1)
                     row[label.replace("_us", "_x_floor")] = round(us / floor_us, 2)
-                except Exception as exc:  # noqa: BLE001 - report and go on
+                except Exception as exc:  # report and go on
                     row[label] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -88,8 +88,10 @@ def profile_step(engine, batch: int, context: int, iters: int) -> dict:
         "kernels_per_step": sum(counts.values()) // iters,
         "groups_us": {k: round(v / iters, 1) for k, v in groups.most_common()},
         "top": top,
-        "kernels": [(name[:90], round(t / iters, 1), counts[name] // iters)
-                    for name, t in kernels.most_common()],
+        "kernels": [
+            (name[:90], round(t / iters, 1), counts[name] // iters)
+            for name, t in kernels.most_common()
+        ],
         "sample_ms_host_timed": round(sample_ms, 3),
     }
 
@@ -123,8 +125,15 @@ def gemm_table(batches: list[int]) -> list[dict]:
     dev = torch.device("cuda")
     h, q, kv, inter, vocab = 4096, 4096, 1024, 14336, 128256
     shapes = {
-        "q": (q, h), "k": (kv, h), "v": (kv, h), "qkv": (q + 2 * kv, h), "o": (h, q),
-        "gate": (inter, h), "up": (inter, h), "gate_up": (2 * inter, h), "down": (h, inter),
+        "q": (q, h),
+        "k": (kv, h),
+        "v": (kv, h),
+        "qkv": (q + 2 * kv, h),
+        "o": (h, q),
+        "gate": (inter, h),
+        "up": (inter, h),
+        "gate_up": (2 * inter, h),
+        "down": (h, inter),
         "lm_head": (vocab, h),
     }
     copies = {name: (2 if name == "lm_head" else 8) for name in shapes}

@@ -73,7 +73,8 @@ def check() -> None:
     for heads, dim, dtype in ((2, 16, torch.float32), (3, 24, torch.float16)):
         pair = [torch.randn(6, 4, heads, dim, generator=gen).to(dtype) for _ in range(2)]
         caches = pair + [c.clone() for c in pair]
-        k = torch.randn(heads, 5, dim, generator=gen).transpose(0, 1)  # strided, as the modules give
+        # keys strided as the modules give them, values contiguous
+        k = torch.randn(heads, 5, dim, generator=gen).transpose(0, 1)
         v = torch.randn(5, heads, dim, generator=gen)
         slots = torch.tensor([3, 17, 0, 22, 9])
         write_kv(caches[0], caches[1], k, v, slots)
