@@ -74,20 +74,32 @@ def fuse_projections(model: nn.Module) -> int:
         if hasattr(module, "_hf_hook"):  # accelerate moves this module's weights: leave it
             continue
         for names in GROUPS:
-            parts = [getattr(module, name, None) for name in names]
-            if not _fusable(parts):
-                continue
-            weight = torch.cat([p.weight.detach() for p in parts])  # type: ignore[union-attr]
-            bias = None
-            if parts[0].bias is not None:  # type: ignore[union-attr]
-                bias = torch.cat([p.bias.detach() for p in parts])  # type: ignore[union-attr]
-            group = FusedProjection(weight, bias, [p.out_features for p in parts])  # type: ignore[union-attr]
-            for index, name in enumerate(names):
-                setattr(module, name, ProjectionPart(group, index))
-            fused += 1
+            if _fuse_group(module, names):
+                fused += 1
+                if torch.cuda.is_available():
+                    # hand the old weights' memory back now: left in the allocator's cache,
+                    # the next layers' fused weights would be cut out of it, and the pieces
+                    # left over could not be released for the KV cache (r6 sized its cache
+                    # 4.6% smaller than r5, before this)
+                    torch.cuda.empty_cache()
     if fused:
         log.info("fused %d projection groups (q/k/v, gate/up) into one GEMM each", fused)
     return fused
+
+
+def _fuse_group(module: nn.Module, names: tuple[str, ...]) -> bool:
+    parts = [getattr(module, name, None) for name in names]
+    if not _fusable(parts):
+        return False
+    linears: list[nn.Linear] = parts  # type: ignore[assignment]
+    weight = torch.cat([p.weight.detach() for p in linears])
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([p.bias.detach() for p in linears])  # type: ignore[union-attr]
+    group = FusedProjection(weight, bias, [p.out_features for p in linears])
+    for index, name in enumerate(names):
+        setattr(module, name, ProjectionPart(group, index))
+    return True
 
 
 def _fusable(parts: list[object]) -> bool:
