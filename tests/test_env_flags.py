@@ -85,9 +85,7 @@ def test_bad_values_are_refused_by_name(
     assert says in capsys.readouterr().err
 
 
-def test_help_shows_variables_and_masks_secrets(
-    monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:  # type: ignore[no-untyped-def]
+def test_help_shows_variables_and_masks_secrets(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TOKENRELAY_API_KEYS", "sekrit-key")
     monkeypatch.setenv("TOKENRELAY_MAX_QUEUE", "99")
     with pytest.raises(SystemExit):

@@ -37,8 +37,6 @@ ACL_WORKER = (
 )
 
 
-
-
 def chat(stack: Stack, key: str | None = None, **body: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(

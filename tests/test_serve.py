@@ -126,9 +126,7 @@ def test_a_killed_worker_is_started_again_and_loses_nothing(served) -> None:  # 
         body = {"model": DEMO_MODEL, "prompt": f"Count to {i + 3}:", "max_tokens": 24}
         return httpx.post(f"{url}/v1/completions", json=body, timeout=180).status_code
 
-    worker = next(
-        p for p in psutil.Process(proc.pid).children() if "worker" in p.cmdline()
-    )
+    worker = next(p for p in psutil.Process(proc.pid).children() if "worker" in p.cmdline())
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         answers = [pool.submit(ask, i) for i in range(6)]
         time.sleep(1.0)
@@ -162,9 +160,7 @@ def test_a_killed_redis_is_started_again(served) -> None:  # type: ignore[no-unt
     """serve's own Redis, SIGKILLed: serve starts it again on the same port from its
     append-only file, and the API and the worker reconnect by themselves."""
     url, proc, log = served
-    server = next(
-        p for p in psutil.Process(proc.pid).children() if "redis-server" in p.name()
-    )
+    server = next(p for p in psutil.Process(proc.pid).children() if "redis-server" in p.name())
     server.kill()
     body = {"model": DEMO_MODEL, "prompt": "The capital of France is", "max_tokens": 8}
     # while Redis is down: a clean 503

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from tokenrelay.workers.paged.blocks import BlockManager, BlockTable, OutOfBlocks
+from tokenrelay.workers.paged.build import build_paged_engine
 from tokenrelay.workers.paged.engine import PagedEngine
 from tokenrelay.workers.prompts import encode_prompt
 
@@ -100,6 +101,28 @@ async def test_n_choices_share_the_prompt_and_each_run_to_the_limit(engine: Page
     assert finish == ["length"] * 3
     assert tokens == 24
     assert engine.blocks.free_blocks == engine.blocks.num_blocks
+
+
+async def test_the_cpu_layout_one_block_a_sequence_gives_the_same_text(
+    model_and_tokenizer,
+) -> None:  # type: ignore[no-untyped-def]
+    """What a worker builds on a CPU: one block a sequence, as long as the longest, read in
+    place by decode attention; greedy text, n choices (a fork copies the prompt's rows) and
+    a seed behave as with 16-token blocks."""
+    model, tokenizer = model_and_tokenizer
+    eng = build_paged_engine(model, tokenizer, max_model_len=2048, max_seqs=5)
+    try:
+        assert eng.cache.block_size == 2048 and eng.blocks.num_blocks == 5
+        jobs = [chat_job(q, temperature=0, max_tokens=16) for q in QUESTIONS]
+        results = await asyncio.gather(*(collect(eng, j) for j in jobs))
+        for question, (texts, _, _) in zip(QUESTIONS, results, strict=True):
+            assert texts[0] == reference(model, tokenizer, question, 16), question
+        seeded = chat_job(QUESTIONS[1], temperature=0.9, max_tokens=8, n=2, seed=7)
+        first, again = await asyncio.gather(collect(eng, seeded), collect(eng, seeded))
+        assert first[0] == again[0] and len(first[0]) == 2 and all(first[0])
+        assert eng.blocks.free_blocks == eng.blocks.num_blocks
+    finally:
+        eng.close()
 
 
 async def test_a_full_cache_preempts_and_every_job_gets_its_own_text(

@@ -60,11 +60,15 @@ def build_paged_engine(
                 "raise the second"
             )
         seqs = max_seqs or max(1, min(MAX_GPU_SEQS, tokens // TYPICAL_LEN))
+        block_size = BLOCK_SIZE
     else:
         max_len = min(max_model_len or context, context)
         seqs = max_seqs or CPU_SEQS
-        # the dense equivalent; pages are committed only as blocks are used
-        blocks = seqs * -(-max_len // BLOCK_SIZE)
+        # One block a sequence, as long as the longest: decode attention then reads the
+        # cache in place, where gathering 16-token blocks cost the 2-core CPU more than the
+        # slotted engine it replaced spent on attention (bench-results/cpu-paged-vs-slotted).
+        # The memory is the dense equivalent, and pages are committed only as they are used.
+        blocks, block_size = seqs, max_len
     return PagedEngine(
         model,
         tokenizer,  # type: ignore[arg-type]
@@ -73,6 +77,7 @@ def build_paged_engine(
         max_len=max_len,
         prefill_budget=prefill_budget,
         eager=eager,
+        block_size=block_size,
     )
 
 

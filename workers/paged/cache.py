@@ -61,10 +61,12 @@ class KVCache:
     def tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    def copy_block(self, src: int, dst: int) -> None:
+    def copy_block(self, src: int, dst: int, rows: int | None = None) -> None:
+        """Copy block ``src`` into ``dst``: its first ``rows`` positions, or all."""
+        rows = self.block_size if rows is None else rows
         for k, v in self.layers:
-            k[dst].copy_(k[src])
-            v[dst].copy_(v[src])
+            k[dst, :rows].copy_(k[src, :rows])
+            v[dst, :rows].copy_(v[src, :rows])
 
     @property
     def bytes(self) -> int:

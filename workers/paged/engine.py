@@ -25,7 +25,7 @@ from ..prompts import encode_prompt
 from ..sampling import BatchSampler, make_generator, sample_rows
 from ..text import TextTracker
 from .blocks import BlockManager, BlockTable, OutOfBlocks
-from .cache import CacheShape, KVCache
+from .cache import BLOCK_SIZE, CacheShape, KVCache
 from .clock import LoopClock
 from .runner import ModelRunner, SeqInput, to_device
 from .sequences import Run, Seq, Step
@@ -49,6 +49,7 @@ class PagedEngine(ThreadedEngine):
         admit_batch: int = 8,
         eager: bool = False,
         steps_per_launch: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         self.tokenizer = tokenizer
         self._decode = fast_decoder(tokenizer) or self._decode  # type: ignore[method-assign]
@@ -56,7 +57,7 @@ class PagedEngine(ThreadedEngine):
         self.max_context = max_len
         self.max_seqs = max_seqs
         device = next(model.parameters()).device
-        self.cache = KVCache(CacheShape.of(model), num_blocks, device)
+        self.cache = KVCache(CacheShape.of(model), num_blocks, device, block_size)
         self.blocks = BlockManager(num_blocks, self.cache.block_size)
         self.runner = ModelRunner(model, self.cache, max_len, eager=eager)
         self.runner.capture_graphs(max_seqs)
@@ -311,9 +312,9 @@ class PagedEngine(ThreadedEngine):
         """Another choice of the same prompt: share its full blocks, copy the last one."""
         seq.table = self.blocks.fork(first.table, first.length)
         self.blocks.allocate(seq.table, first.length + 1)
-        full = first.length // self.blocks.block_size
-        if first.length % self.blocks.block_size:
-            self.cache.copy_block(first.table.blocks[full], seq.table.blocks[full])
+        full, rows = divmod(first.length, self.blocks.block_size)
+        if rows:
+            self.cache.copy_block(first.table.blocks[full], seq.table.blocks[full], rows)
         seq.length = first.length
 
     # decoding
