@@ -98,24 +98,34 @@ class BatchSampler:
         generators: list[torch.Generator | None],
         shared: torch.Generator,
         device: torch.device,
+        *,
+        host: bool | None = None,
     ) -> None:
         live = [p for p in params if p is not None and p.temperature > 0]
         self.greedy_only = not live
         self.shared = shared
         self.seeded = [(row, g) for row, g in enumerate(generators) if g is not None]
         self.filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in live)
+        # on a CPU there is no device queue to keep ahead of, so choices that depend on the
+        # values (host_sampling.py) cost nothing, and they spare a sort of the vocabulary
+        self.host = device.type == "cpu" if host is None else host
         if self.greedy_only:
             return
         self.temps = _on(device, [p.temperature if p else 0.0 for p in params])
         if self.filtered:
             self.top_k = _on(device, [p.top_k if p and p.top_k > 0 else 1 << 30 for p in params])
             self.top_p = _on(device, [p.top_p if p else 1.0 for p in params])
+            self.max_top_k = max((p.top_k for p in live), default=0)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)
         if self.greedy_only:
             return greedy
         scaled = logits.float() / self.temps.clamp(min=1e-5)[:, None]
+        if self.host:
+            from .host_sampling import sample_on_host
+
+            return torch.where(self.temps > 0, sample_on_host(self, scaled), greedy)
         if self.filtered:
             scaled, order = self._filter(scaled)
         noise = torch.empty_like(scaled).exponential_(generator=self.shared)
