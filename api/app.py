@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from tokenrelay import __version__
 from tokenrelay.queueing.connection import connect
+from tokenrelay.queueing.files import FileStore
 from tokenrelay.queueing.relay import ChunkRelay
 
 from . import errors
@@ -16,7 +17,7 @@ from .draining import Drain
 from .metrics import Metrics
 from .ratelimit import BodySizeLimit, RateLimiter
 from .requestid import RequestIdMiddleware
-from .routes import completions, health, metrics, models, status
+from .routes import completions, files, health, metrics, models, status
 from .service import GenerationService
 from .settings import APISettings
 
@@ -25,6 +26,8 @@ def create_app(settings: APISettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = connect(settings.redis)
+        file_redis = connect(settings.redis, decode_responses=False)  # file chunks are bytes
+        app.state.files = FileStore(file_redis, settings.redis.keys)
         relay = ChunkRelay(redis, settings.redis.keys)
         await relay.start()
         app.state.service = GenerationService(redis, relay, settings, app.state.metrics)
@@ -36,6 +39,7 @@ def create_app(settings: APISettings) -> FastAPI:
         finally:
             await relay.close()
             await redis.aclose()
+            await file_redis.aclose()
 
     app = FastAPI(
         title="tokenrelay", version=__version__, lifespan=lifespan, root_path=settings.root_path
@@ -44,8 +48,9 @@ def create_app(settings: APISettings) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.drain = Drain(settings.shutdown_grace)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    # POST /v1/files streams its upload under its own limit (--max-file-size)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, exempt=("/v1/files",))
     app.add_middleware(RequestIdMiddleware)  # outermost: every response gets the header
-    for module in (models, completions, status, health, metrics):
+    for module in (models, completions, files, status, health, metrics):
         app.include_router(module.router)
     return app

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body in bytes (default 1 MiB); 0 = no limit",
     )
     parser.add_argument(
+        "--max-file-size",
+        type=int,
+        default=200_000_000,
+        help="largest file in bytes that POST /v1/files accepts (a file is kept in Redis: "
+        "its bytes plus a few hundred bytes)",
+    )
+    parser.add_argument(
         "--max-prompt-chars",
         type=int,
         default=200_000,
@@ -103,6 +110,8 @@ def settings_from(args: argparse.Namespace) -> APISettings:
     for name in ("rate_limit_rpm", "rate_limit_tpm", "max_body_bytes", "max_prompt_chars"):
         if getattr(args, name, 0) < 0:
             raise SystemExit(f"tokenrelay api: --{name.replace('_', '-')} must be 0 or more")
+    if getattr(args, "max_file_size", 1) < 1:
+        raise SystemExit("tokenrelay api: --max-file-size must be 1 or more")
     return APISettings(
         redis=RedisSettings(url=args.redis_url, prefix=args.key_prefix),
         api_keys=api_keys(args),
@@ -110,6 +119,7 @@ def settings_from(args: argparse.Namespace) -> APISettings:
         rate_limit_tpm=getattr(args, "rate_limit_tpm", 0),
         max_body_bytes=getattr(args, "max_body_bytes", 1 << 20),
         max_prompt_chars=getattr(args, "max_prompt_chars", 200_000),
+        max_file_size=getattr(args, "max_file_size", 200_000_000),
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         host=args.host,

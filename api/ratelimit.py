@@ -152,14 +152,17 @@ class RateLimiter:
 
 class BodySizeLimit:
     """ASGI middleware: a request body over ``limit`` bytes gets a 400 ``body_too_large``,
-    refused from its Content-Length before reading, or as soon as the bytes read pass it."""
+    refused from its Content-Length before reading, or as soon as the bytes read pass it.
+    POSTs to a path ending in one of ``exempt`` pass untouched (they stream their body
+    under a limit of their own)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.exempt = exempt
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.limit <= 0:
+        if scope["type"] != "http" or self.limit <= 0 or self._exempt(scope):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
@@ -200,6 +203,10 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _exempt(self, scope: Any) -> bool:
+        path: str = scope.get("path", "")
+        return scope.get("method") == "POST" and path.rstrip("/").endswith(self.exempt)
 
     async def _refuse(self, send: Any, message: str | None = None) -> None:
         error = APIError(

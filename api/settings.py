@@ -19,5 +19,6 @@ class APISettings:
     rate_limit_rpm: int = 0  # requests per minute per API key (per client IP without keys)
     rate_limit_tpm: int = 0  # tokens per minute, charged at admission; 0 = off
     max_body_bytes: int = 1 << 20  # request bodies over this get a 400 body_too_large
+    max_file_size: int = 200_000_000  # bytes a file uploaded to POST /v1/files may hold
     max_prompt_chars: int = 200_000  # prompt / all message contents together
     shutdown_grace: float = 30.0  # seconds open requests get to finish on SIGTERM

@@ -27,8 +27,9 @@ class RedisSettings:
         return Keys(self.prefix)
 
 
-def connect(settings: RedisSettings) -> aioredis.Redis:
-    """An asyncio client with a bounded, blocking pool.
+def connect(settings: RedisSettings, decode_responses: bool = True) -> aioredis.Redis:
+    """An asyncio client with a bounded, blocking pool (``decode_responses=False`` for one
+    that reads bytes, as the file store's chunks are).
 
     Retries are few and safe: enqueue is idempotent by request id, so a retried command whose
     reply was lost cannot queue a job twice.
@@ -40,7 +41,7 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
         protocol=2,
-        decode_responses=True,
+        decode_responses=decode_responses,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries),
         health_check_interval=30,
     )

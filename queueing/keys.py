@@ -47,6 +47,17 @@ class Keys:
     def enqueued(self, model: str, request_id: str) -> str:
         return f"{self._model(model)}:enq:{request_id}"
 
+    # files (Files API): a file's keys share the hash tag {f:ID}; the index is one sorted set
+    def file_meta(self, file_id: str) -> str:
+        return f"{self.prefix}:{{f:{file_id}}}:meta"
+
+    def file_chunk(self, file_id: str, index: int) -> str:
+        return f"{self.prefix}:{{f:{file_id}}}:chunk:{index}"
+
+    @property
+    def files(self) -> str:
+        return f"{self.prefix}:files"
+
     # rate limits (per API-key hash, own hash tag: its two counters share a slot)
     def rate(self, ident: str, kind: str) -> str:
         return f"{self.prefix}:{{rl:{ident}}}:{kind}"
