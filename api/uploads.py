@@ -137,8 +137,12 @@ async def read_upload(request: Request, writer: FileWriter) -> Upload:
             if budget and received > budget:
                 raise too_large(writer.max_bytes, received, at_least=True)
             parser.write(data)
-            for piece in collector.file_data:
-                await writer.write(piece)
+            try:
+                for piece in collector.file_data:
+                    await writer.write(piece)
+            except Exception:
+                await _discard(request, DRAIN_BYTES)  # Redis failed: answer once read
+                raise
             collector.file_data.clear()
         parser.finalize()
     except MultipartParseError as exc:
@@ -148,6 +152,19 @@ async def read_upload(request: Request, writer: FileWriter) -> Upload:
     if not collector.ended:
         raise bad_upload("The multipart body ended before its closing boundary.")
     return upload
+
+
+async def _discard(request: Request, limit: int) -> None:
+    """Read and drop up to ``limit`` more bytes of the body, so that an error answered
+    midway reaches a client still sending (else its connection may be reset first)."""
+    dropped = 0
+    try:
+        async for data in request.stream():
+            dropped += len(data)
+            if dropped > limit:
+                return
+    except ClientDisconnect:
+        return
 
 
 def too_large(limit: int, size: int, at_least: bool = False) -> APIError:

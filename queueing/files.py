@@ -153,12 +153,12 @@ class FileWriter:
         return info
 
     async def abort(self) -> None:
-        """Delete the chunks written so far (their TTL would, later)."""
+        """Delete what was written so far (the chunks' TTL would, later), metadata
+        included, should a commit have failed after writing it."""
         self._buffer.clear()
         keys = [self.store.keys.file_chunk(self.id, i) for i in range(self._chunks)]
         self._chunks = 0
-        if keys:
-            await self.store.redis.delete(*keys)
+        await self.store.redis.delete(self.store.keys.file_meta(self.id), *keys)
 
 
 @dataclass

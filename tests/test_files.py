@@ -127,6 +127,24 @@ def test_a_file_over_the_limit_is_a_400_naming_size_and_limit(
     assert client.files.create(file=("ok.jsonl", b"x" * LIMIT), purpose="batch").bytes == LIMIT
 
 
+def test_a_full_redis_is_a_503_and_keeps_nothing(
+    client: openai.OpenAI, files_stack: Stack, sync_redis: redis.Redis
+) -> None:
+    before = set(sync_redis.scan_iter(f"{files_stack.prefix}:{{f:*"))
+    used = int(sync_redis.info("memory")["used_memory"])
+    old = sync_redis.config_get("maxmemory*")
+    sync_redis.config_set("maxmemory-policy", "noeviction")
+    sync_redis.config_set("maxmemory", used + 2 * CHUNK_BYTES)
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            client.files.create(file=("big.bin", b"x" * (4 * CHUNK_BYTES)), purpose="batch")
+    finally:
+        sync_redis.config_set("maxmemory", old["maxmemory"])
+        sync_redis.config_set("maxmemory-policy", old["maxmemory-policy"])
+    assert err.value.status_code == 503 and err.value.code == "storage_full"
+    assert set(sync_redis.scan_iter(f"{files_stack.prefix}:{{f:*")) == before
+
+
 @pytest.mark.parametrize("purpose", ["fine-tune", "batch_output", ""])
 def test_bad_purpose_is_a_400_naming_the_accepted_value(
     client: openai.OpenAI, purpose: str

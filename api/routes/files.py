@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from tokenrelay.queueing.files import FileGone, FileInfo, FileStore, FileWriter
 
@@ -56,6 +56,15 @@ def file_not_found(file_id: str) -> APIError:
 def redis_errors() -> Iterator[None]:
     try:
         yield
+    except OutOfMemoryError as exc:
+        raise APIError(
+            503,
+            "Redis is full (its maxmemory is reached): the file was not stored. Delete files "
+            "or give Redis more memory.",
+            type="server_overloaded",
+            code="storage_full",
+            retry_after=30,
+        ) from exc
     except (RedisError, TimeoutError) as exc:
         raise redis_down(exc) from exc
 
