@@ -16,10 +16,9 @@ import time
 import torch
 
 from tokenrelay.bench.models import random_llama, synthetic_tokenizer
+from tokenrelay.bench.steps import warm_batch
 from tokenrelay.queueing.messages import SamplingParams
-from tokenrelay.workers.paged.blocks import BlockTable
 from tokenrelay.workers.paged.build import build_paged_engine
-from tokenrelay.workers.paged.runner import SeqInput
 from tokenrelay.workers.sampling import sample_rows
 
 
@@ -35,13 +34,7 @@ def category(name: str) -> str:
 
 
 def profile_step(engine, batch: int, context: int, iters: int) -> dict:
-    tables = [BlockTable() for _ in range(batch)]
-    for table in tables:
-        engine.blocks.allocate(table, context + 1)
-    seqs = [SeqInput([], context, t.blocks) for t in tables]
-    tokens = torch.randint(0, 1000, (batch,), device=engine.device)
-    for _ in range(3):
-        engine.runner.decode(tokens, seqs)
+    tables, seqs, tokens = warm_batch(engine, batch, context)
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:

@@ -14,6 +14,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def warm_batch(
+    engine: PagedEngine, batch: int, context: int
+) -> tuple[list[BlockTable], list[SeqInput], torch.Tensor]:
+    """``batch`` sequences of ``context`` cached tokens (blocks taken from the engine's
+    manager: free them after), their next tokens, three decode steps run."""
+    tables = [BlockTable() for _ in range(batch)]
+    for table in tables:
+        engine.blocks.allocate(table, context + 1)
+    seqs = [SeqInput([], context, t.blocks) for t in tables]
+    tokens = torch.randint(0, 1000, (batch,), device=engine.device)
+    for _ in range(3):
+        engine.runner.decode(tokens, seqs)
+    return tables, seqs, tokens
+
+
 def step_profile(
     engine: PagedEngine, batches: list[int], context: int, bandwidth: float, iters: int = 20
 ) -> list[dict[str, object]]:
@@ -24,13 +39,7 @@ def step_profile(
     for batch in batches:
         if batch > engine.max_seqs:
             continue
-        tables = [BlockTable() for _ in range(batch)]
-        for table in tables:
-            engine.blocks.allocate(table, context + 1)
-        seqs = [SeqInput([], context, t.blocks) for t in tables]
-        tokens = torch.randint(0, 1000, (batch,), device=engine.device)
-        for _ in range(3):
-            engine.runner.decode(tokens, seqs)
+        tables, seqs, tokens = warm_batch(engine, batch, context)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
