@@ -28,7 +28,9 @@ CHAT = {"model": "fake", "messages": HELLO, "max_tokens": 4}
 ACL_API = (
     "-@all +ping +evalsha +eval +script|load +xadd +xlen +xrange +get +set "
     "+mget +smembers +srem +zscore +subscribe +unsubscribe +incrby +pttl +pexpire "
-    "+zrangebyscore +xpending +xinfo|groups"
+    "+zrangebyscore +xpending +xinfo|groups "
+    "+hset +hgetall +persist +expireat +multi +exec +del +zadd +zrem +zrangebylex "
+    "+zrevrangebylex"
 )
 ACL_WORKER = (
     "-@all +ping +evalsha +eval +script|load +multi +exec +xreadgroup +xack "
@@ -305,6 +307,22 @@ def test_acl_users_serve_a_request(acl_redis: EmbeddedRedis) -> None:
         assert [m["name"] for m in r.json()["models"]] == ["fake"]
         r = httpx.get(f"{api.url}/metrics")
         assert r.status_code == 200 and 'tokenrelay:workers{model="fake"} 1.0' in r.text
+        # the Files API's commands are in the API user's list too
+        auth = {"Authorization": "Bearer acl-key"}
+        r = httpx.post(
+            f"{api.url}/v1/files",
+            headers=auth,
+            data={"purpose": "batch"},
+            files={"file": ("in.jsonl", b'{"custom_id": "a"}\n')},
+        )
+        assert r.status_code == 200, r.text
+        file_id = r.json()["id"]
+        r = httpx.get(f"{api.url}/v1/files/{file_id}/content", headers=auth)
+        assert r.content == b'{"custom_id": "a"}\n'
+        assert [f["id"] for f in httpx.get(f"{api.url}/v1/files", headers=auth).json()["data"]] == [
+            file_id
+        ]
+        assert httpx.delete(f"{api.url}/v1/files/{file_id}", headers=auth).json()["deleted"]
         for p in api.processes + worker.processes:
             assert "NOPERM" not in p.output() and "no permissions" not in p.output(), p.output()
     finally:
