@@ -22,7 +22,8 @@ from tokenrelay.queueing.messages import Job, SamplingParams
 from tokenrelay.workers.engine import JobHandle
 from tokenrelay.workers.paged.blocks import BlockManager
 from tokenrelay.workers.paged.clock import LoopClock
-from tokenrelay.workers.paged.engine import PagedEngine, fast_decoder
+from tokenrelay.workers.paged.engine import PagedEngine
+from tokenrelay.workers.paged.output import fast_decoder
 from tokenrelay.workers.paged.sequences import Step
 
 

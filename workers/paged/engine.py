@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
+from tokenrelay.queueing.messages import Job, SamplingParams
 
-from ..engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
+from ..engine import InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from ..hf_engine import eos_ids
 from ..prompts import encode_prompt
 from ..sampling import BatchSampler, make_generator, sample_rows
@@ -27,6 +26,7 @@ from ..text import TextTracker
 from .blocks import BlockManager, BlockTable, OutOfBlocks
 from .cache import BLOCK_SIZE, CacheShape, KVCache
 from .clock import LoopClock
+from .output import advance, fast_decoder
 from .runner import ModelRunner, SeqInput, to_device
 from .sequences import Run, Seq, Step
 
@@ -412,68 +412,12 @@ class PagedEngine(ThreadedEngine):
         events = []
         for run, rows in runs.values():
             got = [list(columns[rows[id(s)]]) if id(s) in rows else [] for s in run.seqs]
-            event = self._advance(run, got)
+            event = advance(run, got, self.max_context, self.blocks)
             if event:
                 events.append((run.handle, event))
         if events:
             JobHandle.put_all(events[0][0].loop, events)
         self.clock.lap("detokenize")
-
-    def _advance(self, run: Run, tokens: list[list[int]]) -> EngineEvent | None:
-        """Take each live choice's new tokens (one a step, ``tokens[index]``); emit their
-        text and finish reasons."""
-        steps = max(map(len, tokens), default=0)
-        deltas = []
-        for index, (seq, new) in enumerate(zip(run.seqs, tokens, strict=True)):
-            if seq.finish is not None or not new:
-                continue
-            text, taken = self._take(run, seq, new)
-            run.completion_tokens += taken
-            if text or seq.finish:
-                deltas.append(
-                    ChoiceDelta.model_construct(index=index, text=text, finish_reason=seq.finish)
-                )
-            if seq.finish is not None:
-                self.blocks.free(seq.table)
-        run.generated += steps
-        if not deltas:
-            return None
-        return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
-
-    def _take(self, run: Run, seq: Seq, new: list[int]) -> tuple[str, int]:
-        """Append ``new`` (one token a step from step ``run.generated + 1`` on) to ``seq``
-        up to where it finishes; returns the text to send and the tokens taken."""
-        kept = []
-        for j, token in enumerate(new):
-            kept.append(token)
-            if token in run.stop_ids:
-                seq.finish = "stop"
-            elif (
-                run.generated + j + 1 >= run.max_tokens
-                or len(seq.tokens) + len(kept) >= self.max_context
-            ):
-                seq.finish = "length"
-            if seq.finish:
-                break
-        seq.tokens += kept
-        seq.last = kept[-1]
-        tracker = seq.tracker
-        text = ""
-        if tracker.stop:  # a stop string may end the text at any token: one at a time
-            for j, token in enumerate(kept):
-                if token in run.stop_ids:
-                    return text + tracker.flush(), j + 1
-                text += tracker.add(token)
-                if tracker.stopped:
-                    seq.finish = "stop"
-                    del seq.tokens[len(seq.tokens) - len(kept) + j + 1 :]
-                    seq.last = token
-                    return text, j + 1
-        else:
-            text = tracker.add_many(kept[:-1] if seq.finish == "stop" else kept)
-        if seq.finish:
-            text += tracker.flush()
-        return text, len(kept)
 
     def _end(self, run: Run, error: BaseException | None = None) -> None:
         if run.ended:
@@ -487,17 +431,3 @@ class PagedEngine(ThreadedEngine):
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def fast_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str] | None:
-    """The Rust tokenizer's own decode, where it gives what transformers' wrapper gives:
-    a fifth of the cost per call (1 against 5 us), paid twice a token for every sequence."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return None
-    decode = backend.decode
-
-    def run(ids: list[int]) -> str:
-        return decode(ids, skip_special_tokens=True)  # type: ignore[no-any-return]
-
-    return run
