@@ -65,6 +65,7 @@ class Worker:
         self.registry = Registry(redis, keys)
         self.inflight: dict[str, asyncio.Task[None]] = {}  # stream entry id -> task
         self.jobs: dict[str, Job] = {}  # stream entry id -> job
+        self._noticed: set[str] = set()  # job ids whose cancel the cancel loop has logged
         self.outbox = ChunkOutbox(redis, interval=options.chunk_interval)
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -410,8 +411,12 @@ class Worker:
                 except (RedisError, OSError):
                     continue
                 for job, cancelled in zip(mine, flags, strict=True):
-                    if cancelled:
+                    if cancelled and job.id not in self._noticed:
+                        # the same word as when a chunk round notices it first
+                        log.info("job %s cancelled by its client", job.id)
+                        self._noticed.add(job.id)
                         self.engine.cancel(job.id)
+            self._noticed &= {j.id for j in self.jobs.values()}
 
 
 def _merge(
