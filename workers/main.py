@@ -97,20 +97,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         default="auto",
-        type=_engine_name,
-        choices=["auto", "paged", "hf", "generate", "fake"],
+        choices=["auto", "paged", "batch", "hf", "generate", "fake"],
         help="paged: continuous batching over a paged KV cache sized to the device, any "
-        "decoder-only transformers model (CUDA graphs and Triton attention on GPUs); hf: "
-        "transformers' forward, one job per step, any model; generate: FastChat's way, one "
-        "request at a time through generate() (a benchmark baseline); auto: paged where the "
-        "model allows, else hf; fake: a deterministic test engine with no model",
+        "decoder-only transformers model (CUDA graphs and Triton attention on GPUs); batch: "
+        "continuous batching over a slotted cache with hand-written Llama, Mistral and Qwen2 "
+        "layers (faster on a CPU); hf: transformers' forward, one job per step, any model; "
+        "generate: FastChat's way, one request at a time through generate() (a benchmark "
+        "baseline); auto: batch on a CPU where the model allows it, else paged where it "
+        "allows, else hf; fake: a deterministic test engine with no model",
     )
     parser.add_argument(
         "--max-model-len",
         type=int,
         default=None,
         help="longest sequence (prompt + completion) a request may have (default: the "
-        "model's own context length, or what the GPU's KV cache holds if that is less)",
+        "model's own context length, or what the GPU's KV cache holds if that is less; "
+        "4096 with the batch engine)",
     )
     parser.add_argument(
         "--chunk-interval",
@@ -120,15 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "between travel as one chunk (first and last chunks go at once)",
     )
     parser.add_argument("--fake-token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-
-
-def _engine_name(value: str) -> str:
-    # `batch` named the slotted engine the paged engine replaced (slower at 1 and 64 streams,
-    # BENCHMARKS.md r1): old command lines and TOKENRELAY_ENGINE=batch keep working
-    if value == "batch":
-        log.warning("--engine batch is now the paged engine")
-        return "paged"
-    return value
 
 
 def model_names(args: argparse.Namespace) -> list[str]:
@@ -155,26 +148,42 @@ def paged_blockers(args: argparse.Namespace) -> list[str]:
     return blockers
 
 
-def choose_engine(args: argparse.Namespace, *, model_type: str, reason: str | None) -> str:
-    """Which engine serves a loaded model: ``paged``, ``hf`` or ``generate``.
+def choose_engine(
+    args: argparse.Namespace, *, model_type: str, reason: str | None, slotted: bool = False
+) -> str:
+    """Which engine serves a loaded model: ``batch``, ``paged``, ``hf`` or ``generate``.
 
-    ``reason``: why the paged engine cannot run the model (None: it can). ``--engine
-    paged`` that cannot be honoured exits with the reason.
+    ``reason``: why the paged engine cannot run the model (None: it can); ``slotted``:
+    whether the batch engine's hand-written layers can (a Llama, Mistral or Qwen2 shape).
+    On a CPU ``auto`` prefers the batch engine: there it decodes SmolLM2 at 8 streams 1.4x
+    as fast as the paged one (BENCHMARKS.md, the CPU section). ``--engine paged`` or
+    ``batch`` that cannot be honoured exits with the reason.
     """
-    if args.engine not in ("auto", "paged"):
+    if args.engine not in ("auto", "paged", "batch"):
         return str(args.engine)
     blockers = paged_blockers(args)
-    if args.engine == "paged" and blockers:
+    if args.engine in ("paged", "batch") and blockers:
         raise SystemExit(
-            "--engine paged needs the whole model, unquantized, on one device, so it cannot "
-            f"run with {' or '.join(blockers)}: drop those flags, or use --engine hf"
+            f"--engine {args.engine} needs the whole model, unquantized, on one device, so it "
+            f"cannot run with {' or '.join(blockers)}: drop those flags, or use --engine hf"
         )
+    if args.engine == "batch":
+        if model_type and not slotted:
+            raise SystemExit(
+                f"--engine batch runs Llama, Mistral and Qwen2 shapes, not {model_type!r}; "
+                "use --engine paged or hf"
+            )
+        return "batch"
     if reason is not None:
         if args.engine == "paged":
             raise SystemExit(f"--engine paged cannot serve this model: {reason}; use --engine hf")
         log.info("serving %s with the hf engine: %s", model_type or "the model", reason)
         return "hf"
-    return "hf" if blockers else "paged"
+    if blockers:
+        return "hf"
+    if args.engine == "auto" and slotted and args.device == "cpu":
+        return "batch"
+    return "paged"
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -184,7 +193,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return FakeEngine(token_delay=args.fake_token_delay)
     if not args.model_path:
         raise SystemExit("tokenrelay worker: --model-path is required (a model folder or .gguf)")
-    if args.engine == "paged":  # refuse before spending minutes on loading
+    if args.engine in ("paged", "batch"):  # refuse before spending minutes on loading
         choose_engine(args, model_type="", reason=None)
     from .hf_engine import HFEngine
     from .loader import LoadOptions, generation_defaults, load
@@ -201,14 +210,27 @@ def build_engine(args: argparse.Namespace) -> Engine:
         )
     )
     model_type = getattr(model.config, "model_type", "")
+    from .llama_runner import supports
     from .paged import unsupported_reason
 
-    kind = choose_engine(args, model_type=model_type, reason=unsupported_reason(model))
+    kind = choose_engine(
+        args, model_type=model_type, reason=unsupported_reason(model), slotted=supports(model)
+    )
     engine: Engine
     if kind == "generate":
         from .generate_engine import GenerateEngine
 
         engine = GenerateEngine(model, tokenizer)
+    elif kind == "batch":
+        from .batch_engine import BatchEngine
+        from .paged.build import model_context
+
+        engine = BatchEngine(
+            model,
+            tokenizer,
+            slots=args.limit_worker_concurrency or 8,
+            max_len=args.max_model_len or min(4096, model_context(model)),
+        )
     elif kind == "paged":
         from .paged.build import build_paged_engine
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import pytest
 
@@ -49,7 +48,7 @@ def test_engine_paged_with_a_spread_or_quantized_model_exits_clearly(
     flags: tuple[str, ...], name: str
 ) -> None:
     args = worker_args("--engine", name, *flags)
-    with pytest.raises(SystemExit, match="--engine paged .* one device.*--engine hf") as exc:
+    with pytest.raises(SystemExit, match=f"--engine {name} .* one device.*--engine hf") as exc:
         choose_engine(args, model_type="llama", reason=None)
     assert flags[0] in str(exc.value)
     # and before loading anything (the model path does not even exist)
@@ -63,12 +62,19 @@ def test_explicit_engines_are_kept(engine: str) -> None:
     assert choose_engine(args, model_type="llama", reason=None) == engine
 
 
-def test_engine_batch_from_an_old_command_line_is_the_paged_engine(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The slotted engine `--engine batch` named is gone; its name now runs the paged one."""
-    with caplog.at_level(logging.WARNING):
-        assert worker_args("--engine", "batch").engine == "paged"
-    assert "--engine batch is now the paged engine" in caplog.text
-    monkeypatch.setenv("TOKENRELAY_ENGINE", "batch")
-    assert worker_args().engine == "paged"
+def test_auto_picks_the_batch_engine_on_a_cpu_for_the_shapes_it_runs() -> None:
+    """On a CPU the slotted batch engine is faster than the paged one (BENCHMARKS.md, the
+    CPU section): auto takes it for Llama, Mistral and Qwen2 shapes, and paged elsewhere."""
+    cpu, gpu = worker_args("--device", "cpu"), worker_args("--device", "cuda")
+    assert choose_engine(cpu, model_type="llama", reason=None, slotted=True) == "batch"
+    assert choose_engine(cpu, model_type="gemma2", reason=None, slotted=False) == "paged"
+    assert choose_engine(gpu, model_type="llama", reason=None, slotted=True) == "paged"
+    explicit = worker_args("--device", "cpu", "--engine", "paged")
+    assert choose_engine(explicit, model_type="llama", reason=None, slotted=True) == "paged"
+
+
+def test_engine_batch_for_a_shape_it_cannot_run_exits_with_the_alternatives() -> None:
+    args = worker_args("--engine", "batch")
+    assert choose_engine(args, model_type="llama", reason=None, slotted=True) == "batch"
+    with pytest.raises(SystemExit, match="'gemma2'.*--engine paged or hf"):
+        choose_engine(args, model_type="gemma2", reason=None, slotted=False)

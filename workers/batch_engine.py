@@ -1,0 +1,348 @@
+"""A continuous-batching engine: every running sequence decodes in one batch per step.
+
+Jobs join between steps (their prompt is prefilled into free cache slots) and leave when
+they finish or are cancelled, freeing their slots for the next step. Each job keeps its
+own sampling parameters, seed, stop strings and stop tokens. The ``n`` choices of a job take
+``n`` slots that share one prefill.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
+
+from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
+from .hf_engine import eos_ids
+from .llama_runner import LlamaRunner
+from .prompts import encode_prompt
+from .sampling import make_generator, sample_rows
+from .text import TextTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Seq:
+    slot: int
+    tracker: TextTracker
+    length: int  # tokens in the cache once every launched step has run
+    last: int = 0  # the newest token known on the host
+    on_device: bool = False  # the next input is the last launched step's output
+    finish: str | None = None
+
+
+@dataclass
+class _Run:
+    job: Job
+    handle: JobHandle
+    prompt_len: int
+    max_tokens: int
+    generator: torch.Generator
+    stop_ids: set[int]
+    seqs: list[_Seq] = field(default_factory=list)
+    generated: int = 0
+    completion_tokens: int = 0
+    ended: bool = False
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish is not None for s in self.seqs)
+
+
+class BatchEngine(ThreadedEngine):
+    name = "batch"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        slots: int = 64,
+        max_len: int | None = None,
+        prefill_budget: int = 4096,
+        admit_window: float = 0.015,
+        admit_batch: int = 8,
+    ) -> None:
+        config_len = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+        self.max_context = min(max_len or config_len, config_len)
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids(model, tokenizer)
+        self.runner = LlamaRunner(model, slots, self.max_context)
+        self.runner.capture_graphs()
+        self.device = self.runner.device
+        self.prefill_budget = prefill_budget
+        self.admit_window = admit_window
+        self.admit_batch = admit_batch
+        self._waiting_since = 0.0
+        self._shared = torch.Generator(device=self.device)
+        self._shared.seed()
+        self._free = list(range(slots))
+        self._waiting: list[tuple[Job, JobHandle]] = []
+        self._closed = False
+        log.info(
+            "batch engine: %d slots x %d tokens, KV cache %.2f GiB",
+            slots,
+            self.max_context,
+            self.runner.kv_bytes / 2**30,
+        )
+        self._start_thread("batch-engine")
+
+    # engine thread
+
+    def _loop(self) -> None:
+        """Launch step t+1 on the GPU before turning step t's tokens into text, so the
+        host's work (detokenizing, stop strings, events) overlaps the device's."""
+        running: list[_Run] = []
+        pending: _Step | None = None
+        while not self._closed:
+            self._collect(block=not running and not self._waiting and pending is None)
+            running += self._admit(busy=bool(running))
+            running = [r for r in running if not self._drop_cancelled(r)]
+            running = self._end_finished(running)
+            try:
+                launched = self._launch(running, pending) if running else None
+                if pending is not None:
+                    self._finish_step(pending)
+            except Exception as exc:  # a failed step fails the jobs in it, not the worker
+                log.exception("decode step failed")
+                for r in running:
+                    self._end(r, exc)
+                running, launched = [], None
+            pending = launched
+            running = self._end_finished(running)
+        for r in running:
+            self._end(r)
+
+    def _collect(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    self._closed = True
+                else:
+                    if not self._waiting:
+                        self._waiting_since = time.monotonic()
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self, busy: bool) -> list[_Run]:
+        """Prefill waiting jobs, together in one pass, while slots and the budget last.
+
+        While sequences are decoding, arrivals are gathered for up to ``admit_window``
+        seconds (or until ``admit_batch`` wait), so a trickle of requests costs a few
+        batched prefills instead of one stall of the decode loop each.
+        """
+        if busy and self._waiting and len(self._waiting) < self.admit_batch:
+            if time.monotonic() - self._waiting_since < self.admit_window:
+                return []
+        admitted: list[tuple[_Run, list[int]]] = []
+        budget, free = self.prefill_budget, len(self._free)
+        while self._waiting and budget > 0:
+            job, handle = self._waiting[0]
+            if job.params.n > self.runner.slots:
+                self._waiting.pop(0)
+                self._reject(
+                    handle,
+                    InvalidRequest(
+                        f"n={job.params.n} is more than this worker's {self.runner.slots} "
+                        "sequence slots",
+                        code="n_too_large",
+                    ),
+                )
+                continue
+            if job.params.n > free:
+                break
+            self._waiting.pop(0)
+            try:
+                run, ids = self._prepare(job, handle)
+            except Exception as exc:
+                if not isinstance(exc, InvalidRequest):
+                    log.exception("could not prepare %s", job.id)
+                self._reject(handle, exc)
+                continue
+            free -= job.params.n
+            budget -= len(ids)
+            admitted.append((run, ids))
+        if not admitted:
+            return []
+        try:
+            self._prefill(admitted)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for run, _ in admitted:
+                self._end(run, exc)
+            return []
+        return [run for run, _ in admitted]
+
+    def _reject(self, handle: JobHandle, exc: BaseException) -> None:
+        handle.put(exc)
+        handle.close()
+
+    def _prepare(self, job: Job, handle: JobHandle) -> tuple[_Run, list[int]]:
+        ids = encode_prompt(self.tokenizer, job)
+        params = job.params
+        run = _Run(
+            job=job,
+            handle=handle,
+            prompt_len=len(ids),
+            max_tokens=max_tokens_for(job, len(ids), self.max_context),
+            generator=make_generator(params, self.device),
+            stop_ids=set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids),
+        )
+        slots = [self._free.pop(0) for _ in range(params.n)]
+        run.seqs = [_Seq(slot, TextTracker(self._decode, params.stop), len(ids)) for slot in slots]
+        return run, ids
+
+    def _prefill(self, admitted: list[tuple[_Run, list[int]]]) -> None:
+        """One forward pass for every admitted prompt, one sampling pass for their first
+        tokens, one wait for the device."""
+        logits = self.runner.prefill_batch(
+            [r.seqs[0].slot for r, _ in admitted], [ids for _, ids in admitted]
+        )
+        rows: list[int] = []
+        params: list[SamplingParams | None] = []
+        generators: list[torch.Generator | None] = []
+        for row, (run, ids) in enumerate(admitted):
+            for seq in run.seqs[1:]:
+                self.runner.copy_slot(run.seqs[0].slot, seq.slot, len(ids))
+            seeded = run.generator if run.job.params.seed is not None else None
+            for _ in run.seqs:
+                rows.append(row)
+                params.append(run.job.params)
+                generators.append(seeded)
+        picked = sample_rows(logits[_to(self.device, rows)], params, generators, self._shared)
+        firsts = iter(picked.tolist())
+        for run, _ in admitted:
+            event = self._advance(run, [next(firsts) for _ in run.seqs])
+            if event:
+                run.handle.put(event)
+
+    def _end_finished(self, running: list[_Run]) -> list[_Run]:
+        for run in running:
+            if run.done:
+                self._end(run)
+        return [r for r in running if not r.done]
+
+    def _drop_cancelled(self, run: _Run) -> bool:
+        cancelled = self.forget_cancel(run.job.id)
+        if cancelled:
+            self._end(run)
+        return cancelled
+
+    def _launch(self, running: list[_Run], previous: _Step | None) -> _Step | None:
+        """Queue one decode step for every live sequence; returns without waiting."""
+        live = [(r, s) for r in running for s in r.seqs if s.finish is None]
+        if not live:
+            return None
+        width = max(s.slot for _, s in live) + 1
+        tokens, positions = [0] * width, [self.runner.scratch] * width
+        from_device = [False] * width
+        params: list[SamplingParams | None] = [None] * width
+        generators: list[torch.Generator | None] = [None] * width
+        for run, s in live:
+            tokens[s.slot], positions[s.slot] = s.last, s.length
+            from_device[s.slot] = s.on_device
+            params[s.slot] = run.job.params
+            generators[s.slot] = run.generator if run.job.params.seed is not None else None
+        token_ids = _to(self.device, tokens)
+        if previous is not None and any(from_device):
+            earlier = torch.zeros(width, dtype=torch.long, device=self.device)
+            n = min(width, previous.picked.shape[0])
+            earlier[:n] = previous.picked[:n]
+            token_ids = torch.where(_to(self.device, from_device, torch.bool), earlier, token_ids)
+        logits = self.runner.decode(token_ids, _to(self.device, positions))
+        picked = sample_rows(logits, params, generators, self._shared)
+        for _, s in live:
+            s.length += 1
+            s.on_device = True
+        return _Step(live, picked)
+
+    def _finish_step(self, step: _Step) -> None:
+        """Wait for a launched step's tokens; emit text and finish reasons."""
+        picked = step.tokens()
+        by_run: dict[int, tuple[_Run, list[int]]] = {}
+        for run, s in step.live:
+            if run.ended or s.finish is not None:
+                continue
+            by_run.setdefault(id(run), (run, []))
+        events = []
+        for run, _ in by_run.values():
+            tokens = [picked[s.slot] if s.finish is None else 0 for s in run.seqs]
+            event = self._advance(run, tokens)
+            if event:
+                events.append((run.handle, event))
+        if events:
+            JobHandle.put_all(events[0][0].loop, events)
+
+    def _advance(self, run: _Run, tokens: list[int]) -> EngineEvent | None:
+        """Take one new token per live choice; emit text and finish reasons."""
+        run.generated += 1
+        deltas = []
+        for seq, token in zip(run.seqs, tokens, strict=True):
+            if seq.finish is not None:
+                continue
+            run.completion_tokens += 1
+            seq.last = token
+            text = ""
+            if token in run.stop_ids:
+                text, seq.finish = seq.tracker.flush(), "stop"
+            else:
+                text = seq.tracker.add(token)
+                if seq.tracker.stopped:
+                    seq.finish = "stop"
+                elif run.generated >= run.max_tokens or seq.length + 1 >= self.max_context:
+                    text, seq.finish = text + seq.tracker.flush(), "length"
+            if text or seq.finish:
+                index = run.seqs.index(seq)
+                deltas.append(ChoiceDelta(index=index, text=text, finish_reason=seq.finish))
+        if not deltas:
+            return None
+        return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
+
+    def _end(self, run: _Run, error: BaseException | None = None) -> None:
+        if run.ended:
+            return
+        run.ended = True
+        for seq in run.seqs:
+            self._free.append(seq.slot)
+        self._free.sort()
+        if error is not None:
+            run.handle.put(error)
+        run.handle.close()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _Step:
+    """A launched decode step: its sampled tokens are copied to the host asynchronously."""
+
+    def __init__(self, live: list[tuple[_Run, _Seq]], picked: torch.Tensor) -> None:
+        self.live = live
+        self.picked = picked
+        if picked.is_cuda:
+            self._host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+            self._host.copy_(picked, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = picked
+
+    def tokens(self) -> list[int]:
+        if self.picked.is_cuda:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
+def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:  # type: ignore[type-arg]
+    """A small host list on the device without waiting for the device's queue."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
