@@ -9,7 +9,6 @@ own sampling parameters, seed, stop strings and stop tokens. The ``n`` choices o
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from dataclasses import dataclass, field
 
@@ -119,20 +118,6 @@ class BatchEngine(ThreadedEngine):
             running = self._end_finished(running)
         for r in running:
             self._end(r)
-
-    def _collect(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(block=block)
-            while True:
-                if item is None:
-                    self._closed = True
-                else:
-                    if not self._waiting:
-                        self._waiting_since = time.monotonic()
-                    self._waiting.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
 
     def _admit(self, busy: bool) -> list[_Run]:
         """Prefill waiting jobs, together in one pass, while slots and the budget last.

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from tokenrelay.queueing.messages import ChoiceDelta, Job
 
@@ -107,6 +109,11 @@ class ThreadedEngine(Engine):
     """An engine whose model runs in a thread of its own: jobs arrive through an inbox
     (``None`` asks the thread to stop), cancellations through a locked set."""
 
+    # what _collect fills; a batching engine sets these before its thread starts
+    _waiting: list[Any]
+    _waiting_since: float = 0.0  # when the oldest waiting job arrived
+    _closed: bool = False
+
     def _start_thread(self, name: str) -> None:
         self._inbox: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue()
         self._cancelled: set[str] = set()
@@ -133,6 +140,22 @@ class ThreadedEngine(Engine):
             cancelled = job_id in self._cancelled
             self._cancelled.discard(job_id)
         return cancelled
+
+    def _collect(self, block: bool) -> None:
+        """Move what the inbox holds onto ``_waiting`` (``block``: wait for the first item);
+        ``None`` marks the engine closed."""
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    self._closed = True
+                else:
+                    if not self._waiting:
+                        self._waiting_since = time.monotonic()
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
 
     def close(self) -> None:
         self._inbox.put(None)

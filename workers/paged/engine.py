@@ -10,7 +10,6 @@ device's.
 from __future__ import annotations
 
 import logging
-import queue
 import time
 
 import torch
@@ -135,20 +134,6 @@ class PagedEngine(ThreadedEngine):
             running = self._end_finished(running)
         for item in running + [w for w in self._waiting if isinstance(w, Run)]:
             self._end(item)
-
-    def _collect(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(block=block)
-            while True:
-                if item is None:
-                    self._closed = True
-                else:
-                    if not self._waiting:
-                        self._waiting_since = time.monotonic()
-                    self._waiting.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
 
     # admission
 
