@@ -7,7 +7,7 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
-from .keys import Keys
+from .keys import Keys, Lane
 from .messages import Job
 
 # The job stream is never trimmed (trimming deletes unread jobs); its length is bounded here
@@ -36,16 +36,24 @@ class JobQueue:
         self.marker_ttl = marker_ttl
         self._enqueue = redis.register_script(_ENQUEUE)
 
-    async def enqueue(self, job: Job, *, max_depth: int) -> EnqueueResult:
-        """Queue ``job`` once: a retry with the same request id returns the first entry."""
+    async def enqueue(
+        self, job: Job, *, max_depth: int, lane: Lane = "interactive"
+    ) -> EnqueueResult:
+        """Queue ``job`` once on its ``lane``'s stream: a retry with the same request id
+        returns the first entry. ``max_depth`` bounds that lane's stream only."""
         status, detail = await self._enqueue(
-            keys=[self.keys.jobs(job.model), self.keys.enqueued(job.model, job.id)],
+            keys=[self.keys.lane_jobs(job.model, lane), self.keys.enqueued(job.model, job.id)],
             args=[job.model_dump_json(), max_depth, self.marker_ttl],
         )
         return EnqueueResult(status, detail)
 
     async def depth(self, model: str) -> int:
+        """Interactive jobs queued + running: what the API's 429 admission counts."""
         return int(await self.redis.xlen(self.keys.jobs(model)))
+
+    async def batch_depth(self, model: str) -> int:
+        """Batch-lane jobs queued + running."""
+        return int(await self.redis.xlen(self.keys.batch_jobs(model)))
 
     async def cancel(self, model: str, request_id: str, *, ttl: int = 3600) -> None:
         await self.redis.set(self.keys.cancel(model, request_id), 1, ex=ttl)

@@ -7,8 +7,14 @@ model's job stream, chunk channels and per-request keys share one slot.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 GROUP = "workers"
+
+# A model has two job streams: interactive requests, and Batch API lines that workers read
+# only with slots interactive jobs leave free.
+Lane = Literal["interactive", "batch"]
+LANES: tuple[Lane, ...] = ("interactive", "batch")
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,12 @@ class Keys:
     # per model
     def jobs(self, model: str) -> str:
         return f"{self._model(model)}:jobs"
+
+    def batch_jobs(self, model: str) -> str:
+        return f"{self._model(model)}:batch-jobs"
+
+    def lane_jobs(self, model: str, lane: Lane) -> str:
+        return self.batch_jobs(model) if lane == "batch" else self.jobs(model)
 
     def dead_letters(self, model: str) -> str:
         return f"{self._model(model)}:dead"

@@ -89,6 +89,30 @@ async def test_depth_is_per_model(aredis: aioredis.Redis, redis_settings: RedisS
     assert (await queue.enqueue(make_job("b"), max_depth=1)).status == "ok"
 
 
+async def test_enqueue_by_lane(aredis: aioredis.Redis, redis_settings: RedisSettings) -> None:
+    """Batch API lines go to the model's batch stream, bounded by its own depth, and keep the
+    same idempotency marker; the interactive depth (the API's 429 admission) ignores them."""
+    keys = redis_settings.keys
+    queue = JobQueue(aredis, keys)
+    line = make_job()
+
+    assert (await queue.enqueue(line, max_depth=2, lane="batch")).status == "ok"
+    assert (await queue.enqueue(line, max_depth=2, lane="batch")).status == "dup"
+    assert (await queue.enqueue(make_job(), max_depth=2, lane="batch")).status == "ok"
+    assert (await queue.enqueue(make_job(), max_depth=2, lane="batch")).status == "full"
+
+    assert await aredis.xlen(keys.batch_jobs("fake")) == 2
+    assert await queue.batch_depth("fake") == 2
+    assert await queue.depth("fake") == 0
+    assert (await queue.enqueue(make_job(), max_depth=1)).status == "ok"  # lane defaults
+    assert await queue.depth("fake") == 1
+    assert await aredis.exists(keys.enqueued("fake", line.id))
+    # a retried line is a dup on either lane: one request id is queued once
+    assert (await queue.enqueue(line, max_depth=2)).status == "dup"
+    # both streams of a model share its hash tag, so scripts stay single-slot on a cluster
+    assert keys.batch_jobs("fake").split(":")[1] == keys.jobs("fake").split(":")[1]
+
+
 async def test_cancel_sets_an_expiring_key(
     aredis: aioredis.Redis, redis_settings: RedisSettings
 ) -> None:
