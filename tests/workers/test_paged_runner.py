@@ -11,6 +11,12 @@ import transformers
 from tokenrelay.workers.paged import unsupported_reason
 from tokenrelay.workers.paged.blocks import BlockManager, BlockTable
 from tokenrelay.workers.paged.cache import CacheShape, KVCache
+from tokenrelay.workers.paged.graphs import (
+    PREFILL_BUCKETS,
+    PREFILL_SEQS,
+    PrefillGraph,
+    prefill_bucket,
+)
 from tokenrelay.workers.paged.runner import ModelRunner, SeqInput
 
 SMALL = {
@@ -142,6 +148,48 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_one_prefill() -> None:
     chunked = runner.forward([SeqInput(prompt[10:], 10, table.blocks)])
     whole = model(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(chunked[0], whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_padded_prefill_pass_gives_the_eager_pass_logits() -> None:
+    """The captured prefill pass's inputs (graphs.PrefillGraph): prompts and a chunk after
+    a cached prefix, padded to the bucket with a sequence of length 0 and spare rows, give
+    the logits and cache contents of the eager pass. Run through the buffers on the CPU
+    (the CUDA graph itself is checked in test_gpu.py)."""
+    model = tiny_model("gemma2")  # sliding window and softcap: the kernel's masks too
+    rng = torch.Generator().manual_seed(3)
+    prompt = torch.randint(1, 211, (23,), generator=rng).tolist()
+    other = torch.randint(1, 211, (9,), generator=rng).tolist()
+    results = []
+    for padded in (False, True):
+        cache = KVCache(CacheShape.of(model), 32, torch.device("cpu"), block_size=4)
+        runner = ModelRunner(model, cache, max_len=128)
+        blocks = BlockManager(32, 4)
+        first, second = BlockTable(), BlockTable()
+        blocks.allocate(first, 24)
+        blocks.allocate(second, 10)
+        runner.forward([SeqInput(prompt[:10], 0, first.blocks)])
+        seqs = [SeqInput(prompt[10:], 10, first.blocks), SeqInput(other, 0, second.blocks)]
+        if padded:
+            static = PrefillGraph.buffers(32, 8, runner.max_blocks, runner.max_len, cache)
+            static.fill(seqs, cache.block_size, cache.scratch_slot)
+            logits = runner._run(
+                static.ids[None], static.positions[None], static.keep, static.paged
+            )
+            logits = logits[: len(seqs)]
+        else:
+            logits = runner.forward(seqs)
+        rows = [r for t in (first, second) for b in t.blocks for r in range(4 * b, 4 * b + 4)]
+        kept = torch.stack([k.view(-1, *k.shape[2:])[rows] for k, _ in cache.layers])
+        results.append((logits, kept))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
+def test_prefill_buckets_hold_the_pass_or_say_none() -> None:
+    assert prefill_bucket(1, 1) == PREFILL_BUCKETS[0]
+    assert prefill_bucket(129, 2) == 192
+    assert prefill_bucket(PREFILL_BUCKETS[-1] + 1, 1) is None
+    assert prefill_bucket(100, PREFILL_SEQS + 1) is None
 
 
 def test_encoder_decoder_and_multimodal_models_are_refused_with_a_reason() -> None:

@@ -25,6 +25,7 @@ from ..text import TextTracker
 from .blocks import BlockManager, BlockTable, OutOfBlocks
 from .cache import BLOCK_SIZE, CacheShape, KVCache
 from .clock import LoopClock
+from .graphs import PREFILL_SEQS
 from .output import advance, fast_decoder
 from .runner import ModelRunner, SeqInput, to_device
 from .sequences import Run, Seq, Step
@@ -58,7 +59,9 @@ class PagedEngine(ThreadedEngine):
         device = next(model.parameters()).device
         self.cache = KVCache(CacheShape.of(model), num_blocks, device, block_size)
         self.blocks = BlockManager(num_blocks, self.cache.block_size)
-        self.runner = ModelRunner(model, self.cache, max_len, eager=eager)
+        self.runner = ModelRunner(
+            model, self.cache, max_len, eager=eager, prefill_budget=prefill_budget
+        )
         self.runner.capture_graphs(max_seqs)
         self.device = device
         # Decode steps launched back to back before the host looks at their tokens: at
@@ -271,7 +274,8 @@ class PagedEngine(ThreadedEngine):
             if len(seq.tokens) > self.prefill_budget:
                 out.append(self._fill(seq, seq.tokens))
                 continue
-            if size + len(seq.tokens) > self.prefill_budget and group:
+            full = size + len(seq.tokens) > self.prefill_budget or len(group) == PREFILL_SEQS
+            if full and group:
                 out.append(self.runner.forward(group))
                 group, size = [], 0
             group.append(SeqInput(seq.tokens, 0, seq.table.blocks))

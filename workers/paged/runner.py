@@ -22,10 +22,16 @@ from . import attention
 from .blocks import cache_row
 from .cache import KVCache
 from .fuse import fuse_projections
+from .graphs import (
+    BATCH_BUCKETS,
+    PREFILL_BUCKETS,
+    DecodeGraph,
+    PrefillGraph,
+    prefill_bucket,
+    prefill_seqs,
+)
 
 log = logging.getLogger(__name__)
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
 
 
 @dataclass
@@ -39,7 +45,13 @@ class SeqInput:
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, cache: KVCache, max_len: int, *, eager: bool = False
+        self,
+        model: torch.nn.Module,
+        cache: KVCache,
+        max_len: int,
+        *,
+        eager: bool = False,
+        prefill_budget: int = 4096,
     ) -> None:
         attention.register()
         model.set_attn_implementation(attention.IMPLEMENTATION)
@@ -51,7 +63,8 @@ class ModelRunner:
         self.max_blocks = -(-max_len // cache.block_size)
         self.use_graphs = self.device.type == "cuda" and not eager
         self.use_triton = self.device.type == "cuda"
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[int, DecodeGraph] = {}
+        self._prefills: dict[int, PrefillGraph] = {}
         self._pool: object = None
         # the decode step compiled once (batch size symbolic), then captured per bucket:
         # the compiler fuses the norms, rotary and activations the modules run one op at
@@ -60,12 +73,23 @@ class ModelRunner:
         self._decode_fn = self._run
         self.max_batch = 0
         self.buckets: list[int] = []
+        self.prefill_budget = prefill_budget
 
     # eager passes (prefill, CPU decode)
 
     @torch.inference_mode()
     def forward(self, seqs: list[SeqInput]) -> Tensor:
-        """Logits (S, vocab) of each sequence's last new token."""
+        """Logits (S, vocab) of each sequence's last new token: a captured pass when one
+        holds the tokens, else an eager one."""
+        bucket = prefill_bucket(sum(len(s.tokens) for s in seqs), len(seqs))
+        graph = self._prefills.get(bucket) if bucket else None
+        if graph is not None:
+            graph.fill(seqs, self.cache.block_size, self.cache.scratch_slot)
+            graph.graph.replay()
+            return graph.logits[: len(seqs)].clone()  # the next replay overwrites them
+        return self.forward_eager(seqs)
+
+    def forward_eager(self, seqs: list[SeqInput]) -> Tensor:
         lengths = [len(s.tokens) for s in seqs]
         starts = [0]
         for n in lengths:
@@ -214,28 +238,19 @@ class ModelRunner:
         log.info(
             "captured %d decode graphs (batch sizes %s)", len(self._graphs), sorted(self._graphs)
         )
-
-    def _capture(self, bucket: int) -> _Graph:
-        dev = self.device
-        static = _Graph(
-            graph=torch.cuda.CUDAGraph(),
-            tokens=torch.zeros(bucket, dtype=torch.long, device=dev),
-            positions=torch.zeros(bucket, dtype=torch.long, device=dev),
-            paged=attention.PagedBatch(
-                slot_mapping=torch.full(
-                    (bucket,), self.cache.scratch_slot, dtype=torch.long, device=dev
-                ),
-                block_tables=torch.zeros(bucket, self.max_blocks, dtype=torch.int32, device=dev),
-                seq_lens=torch.zeros(bucket, dtype=torch.int32, device=dev),
-                query_start=torch.arange(bucket + 1, dtype=torch.int32, device=dev),
-                max_query_len=1,
-                max_seq_len=self.max_len,
-                caches=self.cache.layers,
-                use_triton=self.use_triton,
-            ),
-            keep=torch.arange(bucket, device=dev),
-            logits=None,  # type: ignore[arg-type]
+        for tokens in reversed(self.prefill_buckets()):
+            self._capture_prefill(tokens)
+        log.info(
+            "captured %d prefill graphs (up to %d tokens)",
+            len(self._prefills),
+            max(self._prefills, default=0),
         )
+
+    def prefill_buckets(self) -> list[int]:
+        return [b for b in PREFILL_BUCKETS if b <= max(self.prefill_budget, PREFILL_BUCKETS[0])]
+
+    def _capture(self, bucket: int) -> DecodeGraph:
+        static = DecodeGraph.buffers(bucket, self.max_blocks, self.max_len, self.cache)
         # warm up (compile, Triton's autotuning, cuBLAS's choices) outside the capture
         static.paged.seq_lens.fill_(1)
         ids, positions = static.tokens[None], static.positions[None]
@@ -261,45 +276,21 @@ class ModelRunner:
         self._graphs[bucket] = static
         return static
 
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    tokens: Tensor
-    positions: Tensor
-    paged: attention.PagedBatch
-    keep: Tensor
-    logits: Tensor
-
-    def fill(self, tokens: Tensor, seqs: list[SeqInput], block_size: int, scratch: int) -> None:
-        batch, rows = len(seqs), self.tokens.shape[0]
-        width = max(len(s.blocks) for s in seqs)
-        pad = rows - batch
-        host = torch.zeros(4 * rows + rows * width, dtype=torch.long)
-        host[:batch] = torch.tensor([s.start for s in seqs])
-        host[rows : rows + batch] = torch.tensor(
-            [cache_row(s.blocks, s.start, block_size) for s in seqs]
+    def _capture_prefill(self, tokens: int) -> None:
+        """Capture the eager prefill pass of ``tokens`` tokens (the compiled step's symbolic
+        shapes assume one token a sequence; compiling prefill too took minutes, r7)."""
+        static = PrefillGraph.buffers(
+            tokens, prefill_seqs(tokens), self.max_blocks, self.max_len, self.cache
         )
-        host[rows + batch : 2 * rows] = scratch
-        host[2 * rows : 2 * rows + batch] = host[:batch] + 1
-        table = host[4 * rows :].view(rows, width)
-        table[:batch] = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs])
-        dev = host.to(self.tokens.device, non_blocking=True)
-        self.tokens[:batch].copy_(tokens[:batch])
-        if pad:
-            self.tokens[batch:].zero_()
-        self.positions.copy_(dev[:rows])
-        self.paged.slot_mapping.copy_(dev[rows : 2 * rows])
-        self.paged.seq_lens.copy_(dev[2 * rows : 3 * rows])
-        self.paged.block_tables[:, :width].copy_(dev[4 * rows :].view(rows, width))
-
-    def advance(self, tokens: Tensor, slots: Tensor) -> None:
-        """The next of several steps in a row: every live row one position on."""
-        batch = tokens.shape[0]
-        self.tokens[:batch].copy_(tokens)
-        self.positions[:batch] += 1
-        self.paged.seq_lens[:batch] += 1
-        self.paged.slot_mapping[:batch].copy_(slots)
+        ids, positions = static.ids[None], static.positions[None]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            self._run(ids, positions, static.keep, static.paged)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.inference_mode(), torch.cuda.graph(static.graph, pool=self._pool):
+            static.logits = self._run(ids, positions, static.keep, static.paged)
+        self._prefills[tokens] = static
 
 
 def to_device(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> Tensor:  # type: ignore[type-arg]
