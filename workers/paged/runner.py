@@ -238,8 +238,15 @@ class ModelRunner:
         log.info(
             "captured %d decode graphs (batch sizes %s)", len(self._graphs), sorted(self._graphs)
         )
-        for tokens in reversed(self.prefill_buckets()):
-            self._capture_prefill(tokens)
+        try:
+            for tokens in reversed(self.prefill_buckets()):
+                self._capture_prefill(tokens)
+        except Exception:  # the passes stay eager: slower admission, same tokens
+            log.exception(
+                "capturing the prefill passes failed; prefill runs eagerly. "
+                "--enforce-eager skips every graph."
+            )
+            self._prefills.clear()
         log.info(
             "captured %d prefill graphs (up to %d tokens)",
             len(self._prefills),
