@@ -1,11 +1,10 @@
-"""The file store behind the Files API: files kept in Redis, so every API process (and,
-later, the batch jobs) sees the same ones.
+"""The file store behind the Files API: files kept in Redis, so every API process and
+every batch job sees the same ones.
 
 A file is a metadata hash and its bytes cut into chunks of ``CHUNK_BYTES``, one string key
 each, all under the hash tag ``{f:ID}``; a sorted set indexes the ids. Ids sort by creation
-time (``file-`` + the millisecond clock in hex + random hex), so the index needs no scores:
-its members are read in order with ZRANGEBYLEX, and a cursor (``after``) still works when
-the file it names is gone.
+time (``file-`` + the millisecond clock in hex + random hex, ids.py), so the index needs no
+scores.
 
 Writing: chunks are written as they arrive, each with ``UPLOAD_TTL_S`` so an upload cut off
 midway leaves nothing behind for long; ``commit`` then writes the metadata, gives every key
@@ -16,14 +15,13 @@ is dropped the next time a listing comes across it.
 
 from __future__ import annotations
 
-import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from .ids import is_sortable_id, page_ids, sortable_id
 from .keys import Keys
 
 # Just under 1 MiB: a string of exactly 1 MiB plus Redis's 10-byte header falls in
@@ -32,7 +30,6 @@ from .keys import Keys
 CHUNK_BYTES = (1 << 20) - 64
 UPLOAD_TTL_S = 24 * 3600  # chunks of an upload not yet committed
 PURPOSES = ("batch", "batch_output")
-_ID_CHARS = 5 + 12 + 12
 
 
 @dataclass(frozen=True)
@@ -74,34 +71,13 @@ class FileGone(Exception):
     """The file was deleted or expired while its content was being read."""
 
 
-_last_id = (0, 0)
-_id_lock = threading.Lock()
-
-
 def new_file_id(now_ms: int) -> str:
-    """``file-`` + 12 hex digits of milliseconds + 12 random ones. Ids made in one process
-    sort in the order they were made, even within one millisecond (the random part then
-    counts up from the last id's, as a monotonic ULID does)."""
-    global _last_id
-    with _id_lock:
-        last_ms, last_rand = _last_id
-        if now_ms <= last_ms and last_rand + 1 < 1 << 48:
-            now_ms, rand = last_ms, last_rand + 1
-        else:
-            rand = secrets.randbits(47)
-        _last_id = (now_ms, rand)
-    return f"file-{now_ms:012x}{rand:012x}"
+    """``file-`` + 12 hex digits of milliseconds + 12 random ones (see ids.py)."""
+    return sortable_id("file-", now_ms)
 
 
 def is_file_id(text: str) -> bool:
-    """Whether ``text`` has the shape of an id this store makes (anything else is unknown,
-    and never reaches a key name)."""
-    body = text[5:]
-    return len(text) == _ID_CHARS and text.startswith("file-") and _is_hex(body)
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+    return is_sortable_id(text, "file-")
 
 
 class FileWriter:
@@ -253,11 +229,4 @@ class FileStore:
         return found[:limit], len(found) > limit
 
     async def _ids(self, after: str | None, count: int, descending: bool) -> list[str]:
-        index = self.keys.files
-        if descending:
-            high = f"({after}" if after else "+"
-            raw = await self.redis.zrevrangebylex(index, high, "-", start=0, num=count)
-        else:
-            low = f"({after}" if after else "-"
-            raw = await self.redis.zrangebylex(index, low, "+", start=0, num=count)
-        return [r.decode() for r in raw]
+        return await page_ids(self.redis, self.keys.files, after, count, descending)

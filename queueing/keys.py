@@ -70,6 +70,30 @@ class Keys:
     def files(self) -> str:
         return f"{self.prefix}:files"
 
+    # batches (Batch API): a batch's keys share the hash tag {b:ID}; the index is one sorted
+    # set, the batches not yet ended one set; the RQ queue that runs them has its own name
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:{{b:{batch_id}}}:meta"
+
+    def batch_lines(self, batch_id: str) -> str:
+        return f"{self.prefix}:{{b:{batch_id}}}:lines"
+
+    def batch_lease(self, batch_id: str) -> str:
+        return f"{self.prefix}:{{b:{batch_id}}}:lease"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}:batches"
+
+    @property
+    def active_batches(self) -> str:
+        return f"{self.prefix}:batches:active"
+
+    @property
+    def batch_queue(self) -> str:
+        """The RQ queue's name (RQ keeps it as ``rq:queue:NAME``)."""
+        return f"{self.prefix}-batches"
+
     # rate limits (per API-key hash, own hash tag: its two counters share a slot)
     def rate(self, ident: str, kind: str) -> str:
         return f"{self.prefix}:{{rl:{ident}}}:{kind}"
