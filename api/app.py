@@ -8,16 +8,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tokenrelay import __version__
+from tokenrelay.queueing.batch_queue import sync_connect
+from tokenrelay.queueing.batches import BatchStore
 from tokenrelay.queueing.connection import connect
 from tokenrelay.queueing.files import FileStore
 from tokenrelay.queueing.relay import ChunkRelay
 
 from . import errors
+from .batches import BatchService
 from .draining import Drain
 from .metrics import Metrics
 from .ratelimit import BodySizeLimit, RateLimiter
 from .requestid import RequestIdMiddleware
-from .routes import completions, files, health, metrics, models, status
+from .routes import batches, completions, files, health, metrics, models, status
 from .service import GenerationService
 from .settings import APISettings
 
@@ -28,6 +31,10 @@ def create_app(settings: APISettings) -> FastAPI:
         redis = connect(settings.redis)
         file_redis = connect(settings.redis, decode_responses=False)  # file chunks are bytes
         app.state.files = FileStore(file_redis, settings.redis.keys)
+        rq_redis = sync_connect(settings.redis)  # RQ, which queues batches, is synchronous
+        app.state.batches = BatchService(
+            BatchStore(redis, settings.redis.keys), app.state.files, rq_redis, settings
+        )
         relay = ChunkRelay(redis, settings.redis.keys)
         await relay.start()
         app.state.service = GenerationService(redis, relay, settings, app.state.metrics)
@@ -40,6 +47,7 @@ def create_app(settings: APISettings) -> FastAPI:
             await relay.close()
             await redis.aclose()
             await file_redis.aclose()
+            rq_redis.close()
 
     app = FastAPI(
         title="tokenrelay", version=__version__, lifespan=lifespan, root_path=settings.root_path
@@ -51,6 +59,6 @@ def create_app(settings: APISettings) -> FastAPI:
     # POST /v1/files streams its upload under its own limit (--max-file-size)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, exempt=("/v1/files",))
     app.add_middleware(RequestIdMiddleware)  # outermost: every response gets the header
-    for module in (models, completions, files, status, health, metrics):
+    for module in (models, completions, files, batches, status, health, metrics):
         app.include_router(module.router)
     return app

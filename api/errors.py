@@ -115,6 +115,13 @@ def _from_validation(exc: RequestValidationError, request: Request) -> APIError:
         return APIError(400, "The request needs a JSON body.", code="invalid_body")
     if first.get("type") == "model_attributes_type" and not loc:
         return _body_not_an_object(first.get("input"), request)
+    return invalid_field(errors)
+
+
+def invalid_field(errors: list[Any]) -> APIError:
+    """A 400 naming the field at fault, from pydantic's errors for a JSON object (a request
+    body, or the body of a batch's line)."""
+    loc = _field_path(errors[0].get("loc", ()))
     loc, message, kind = _explain([e for e in errors if _field_path(e["loc"])[: len(loc)] == loc])
     param = _param(loc) or None
     where = f" ('{param}')" if param else ""

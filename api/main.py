@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds open requests get to finish on SIGTERM; then a stream ends with an "
         "error event and [DONE], a waiting request gets a 503 (default 30)",
     )
+    parser.add_argument(
+        "--batch-window",
+        type=int,
+        default=86400,
+        help="seconds a batch has to complete, its completion_window '24h' (shorter for "
+        "tests): a batch still running then ends expired, with what it has done",
+    )
     parser.add_argument("--root-path", default="", help="path prefix behind a proxy")
     parser.add_argument("--log-level", default="info")
 
@@ -110,6 +117,8 @@ def settings_from(args: argparse.Namespace) -> APISettings:
     for name in ("rate_limit_rpm", "rate_limit_tpm", "max_body_bytes", "max_prompt_chars"):
         if getattr(args, name, 0) < 0:
             raise SystemExit(f"tokenrelay api: --{name.replace('_', '-')} must be 0 or more")
+    if getattr(args, "batch_window", 1) < 1:
+        raise SystemExit("tokenrelay api: --batch-window must be 1 or more")
     if getattr(args, "max_file_size", 1) < 1:
         raise SystemExit("tokenrelay api: --max-file-size must be 1 or more")
     return APISettings(
@@ -126,6 +135,7 @@ def settings_from(args: argparse.Namespace) -> APISettings:
         port=args.port,
         root_path=args.root_path,
         shutdown_grace=getattr(args, "shutdown_grace", 30.0),
+        batch_window=getattr(args, "batch_window", 86400),
     )
 
 

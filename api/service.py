@@ -6,12 +6,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tokenrelay.queueing.jobs import JobQueue
+from tokenrelay.queueing.keys import Lane
 from tokenrelay.queueing.messages import Chunk, ErrorInfo, Job
 from tokenrelay.queueing.registry import Registry, WorkerInfo
 from tokenrelay.queueing.relay import ChunkRelay, Subscription
@@ -19,6 +21,7 @@ from tokenrelay.queueing.status import Status, snapshot
 
 from .errors import APIError, model_not_found, overloaded
 from .metrics import Metrics, RequestTimer
+from .openai_format import Collector, Formatter
 from .settings import APISettings
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,20 @@ class Run:
             self.timer.chunk(chunk)
             yield chunk
 
+    async def whole(self) -> dict[str, Any]:
+        """The answer as one OpenAI completion object; a worker's error raises it."""
+        collector = Collector(self.job.params.n)
+        async for chunk in self.chunks():
+            if chunk.error:
+                raise error_from(chunk.error)
+            collector.add(chunk)
+        return Formatter(self.job).whole(collector.texts, collector.finish, collector.usage)
+
+    def detach(self) -> None:
+        """Leave without cancelling the job: someone else follows it (a batch runner that
+        resumes the batch)."""
+        self.finished = True
+
 
 class GenerationService:
     def __init__(
@@ -71,12 +88,13 @@ class GenerationService:
         relay: ChunkRelay,
         settings: APISettings,
         metrics: Metrics | None = None,
+        queue: JobQueue | None = None,
     ) -> None:
         self.redis = redis
         self.relay = relay
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.queue = JobQueue(redis, settings.redis.keys)
+        self.queue = queue or JobQueue(redis, settings.redis.keys)
         self.registry = Registry(redis, settings.redis.keys)
 
     async def live_models(self) -> dict[str, list[WorkerInfo]]:
@@ -129,12 +147,12 @@ class GenerationService:
             )
 
     @contextlib.asynccontextmanager
-    async def generate(self, job: Job) -> AsyncIterator[Run]:
+    async def generate(self, job: Job, lane: Lane = "interactive") -> AsyncIterator[Run]:
         """Subscribe (confirmed), enqueue, and cancel the job if we leave before its end."""
         timer = self.metrics.start(job.model)
         try:
             async with self.relay.subscribe(job.model, job.id) as sub:
-                result = await self.queue.enqueue(job, max_depth=self.settings.max_queue)
+                result = await self.queue.enqueue(job, max_depth=self.settings.max_queue, lane=lane)
                 if result.status == "full":
                     raise overloaded(
                         f"The queue for '{job.model}' is full ({result.detail} "

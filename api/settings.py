@@ -22,3 +22,4 @@ class APISettings:
     max_file_size: int = 200_000_000  # bytes a file uploaded to POST /v1/files may hold
     max_prompt_chars: int = 200_000  # prompt / all message contents together
     shutdown_grace: float = 30.0  # seconds open requests get to finish on SIGTERM
+    batch_window: int = 86400  # seconds a batch has to complete: its "24h" window

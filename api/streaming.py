@@ -25,7 +25,7 @@ from tokenrelay.queueing.messages import Chunk, Job
 from .draining import Drain, shutting_down, until_drained
 from .errors import APIError
 from .metrics import count_error
-from .openai_format import Collector, Formatter
+from .openai_format import Formatter
 from .service import GenerationService, error_from
 
 DISCONNECT_POLL = 0.25  # seconds between checks for a client gone before its answer
@@ -65,14 +65,8 @@ async def _unless_disconnected(
 
 
 async def _whole(service: GenerationService, job: Job) -> JSONResponse:
-    collector = Collector(job.params.n)
     async with service.generate(job) as run:
-        async for chunk in run.chunks():
-            if chunk.error:
-                raise error_from(chunk.error)
-            collector.add(chunk)
-    body = Formatter(job).whole(collector.texts, collector.finish, collector.usage)
-    return JSONResponse(body)
+        return JSONResponse(await run.whole())
 
 
 async def _stream(

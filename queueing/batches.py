@@ -80,6 +80,7 @@ class Batch(BaseModel):
     created_at: int
     expires_at: int
     metadata: dict[str, str] | None = None
+    output_expires_after: int | None = None  # seconds; None = the default of 30 days
     model: str | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -131,7 +132,7 @@ def is_batch_id(text: str) -> bool:
 
 # KEYS: meta, active set, lines. ARGV: allowed statuses (comma-separated), new status, keep
 # (seconds an ended record lives), then field/value pairs. Returns {1, new} or {0, current}.
-_MOVE = """
+MOVE_SCRIPT = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
 local allowed = false
@@ -204,7 +205,7 @@ class BatchStore:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis  # decode_responses=True
         self.keys = keys
-        self._move = redis.register_script(_MOVE)
+        self._move = redis.register_script(MOVE_SCRIPT)
         self._record = redis.register_script(_RECORD)
         self._refresh = redis.register_script(_REFRESH)
         self._release = redis.register_script(_RELEASE)

@@ -81,6 +81,30 @@ class Stack:
             self.wait_workers(sum(p.name == "worker" and p.alive() for p in self.processes), proc)
         return proc
 
+    def batch_worker(self, *argv: str, wait: bool = True) -> Process:
+        """A `tokenrelay batch-worker`, with heartbeats and maintenance quick enough that a
+        lost batch comes back within seconds."""
+        fast = ("--batch-heartbeat-interval", "1", "--batch-maintenance-interval", "1")
+        proc = self._spawn("batch-worker", *fast, *argv)
+        if wait:
+            self.wait_batch_workers(
+                sum(p.name == "batch-worker" and p.alive() for p in self.processes), proc
+            )
+        return proc
+
+    def wait_batch_workers(self, count: int, proc: Process, timeout: float = 60) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        key = f"rq:workers:{self.prefix}-batches"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.alive(), f"{proc.name} exited:\n{proc.output()}"
+            if sum(client.exists(w) for w in client.smembers(key)) >= count:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{count} batch workers not registered:\n{proc.output()}")
+
     def fake_worker(self, *argv: str, wait: bool = True) -> Process:
         return self.worker("--engine", "fake", "--model-names", "fake", *argv, wait=wait)
 

@@ -14,6 +14,7 @@ COMMANDS = {
     "worker": ("tokenrelay.workers.main", "a model worker that consumes a model's job stream"),
     "chat": ("tokenrelay.ui.terminal", "chat with a served model in the terminal"),
     "ui": ("tokenrelay.ui.main", "the browser chat, arena and status page (Gradio)"),
+    "batch-worker": ("tokenrelay.batch_worker", "an RQ worker that runs Batch API jobs"),
     "status": ("tokenrelay.status", "workers, models, queues and tokens/s in a table, from Redis"),
     "bench": ("tokenrelay.bench.run", "load-test engines and the stack side by side"),
 }

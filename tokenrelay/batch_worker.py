@@ -1,0 +1,103 @@
+"""`tokenrelay batch-worker`: an RQ worker that runs Batch API jobs (api/batch_job.py).
+
+Each batch is one RQ job on the ``PREFIX-batches`` queue. The worker forks a work horse per
+batch, as RQ does, and keeps the job's heartbeat while the horse runs it. Two changes to
+RQ's defaults make a lost batch come back in seconds rather than minutes: the job's
+heartbeat lasts three ``--batch-heartbeat-interval``s (RQ adds a minute), and an idle worker
+looks for lost jobs every ``--batch-maintenance-interval``. A stopping worker (SIGTERM) stops its
+batch at once, rather than after the batch's hours: RQ queues it again and it resumes
+wherever a batch worker runs, from the progress kept in Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rq import Worker
+from rq.serializers import JSONSerializer
+
+from . import runtime
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        help="the Redis the API and the workers use (default: that of the `tokenrelay serve` "
+        f"running here, else {runtime.DEFAULT_REDIS_URL})",
+    )
+    parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lines-in-flight",
+        type=int,
+        default=32,
+        help="lines of one batch queued or running on the models at once",
+    )
+    parser.add_argument(
+        "--batch-heartbeat-interval",
+        type=int,
+        default=10,
+        help="seconds between heartbeats of a running batch; a batch whose worker is lost "
+        "runs again after three of them",
+    )
+    parser.add_argument(
+        "--batch-maintenance-interval",
+        type=int,
+        default=30,
+        help="seconds between an idle worker's looks for batches whose worker was lost",
+    )
+    parser.add_argument(
+        "--burst", action="store_true", help="run the queued batches, then exit (for scripts)"
+    )
+
+
+class BatchWorker(Worker):
+    """RQ's forking worker, with a short job heartbeat and an immediate stop."""
+
+    def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+        return int(self.job_monitoring_interval) * 3
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        if self.horse_pid:
+            self.log.info("Worker %s: stopping its batch; it resumes on the next worker", self.name)
+            self.kill_horse()
+
+
+def run(args: argparse.Namespace) -> None:
+    from tokenrelay.api import batch_job
+    from tokenrelay.api.batch_runner import RunnerSettings
+    from tokenrelay.queueing.batch_queue import batch_queue, sync_connect
+    from tokenrelay.queueing.connection import RedisSettings
+
+    for name in ("lines_in_flight", "batch_heartbeat_interval", "batch_maintenance_interval"):
+        if getattr(args, name) < 1:
+            raise SystemExit(
+                f"tokenrelay batch-worker: --{name.replace('_', '-')} must be 1 or more"
+            )
+    redis_settings = RedisSettings(url=runtime.redis_url(args.redis_url), prefix=args.key_prefix)
+    batch_job.configure(
+        RunnerSettings(
+            redis=redis_settings,
+            lines_in_flight=args.lines_in_flight,
+            lease_ttl=3.0 * args.batch_heartbeat_interval,
+        )
+    )
+    connection = sync_connect(redis_settings)
+    try:
+        connection.ping()
+    except Exception as exc:
+        raise SystemExit(
+            f"tokenrelay batch-worker: cannot reach Redis at {redis_settings.url}: {exc} "
+            "(pass --redis-url, or start `tokenrelay serve`, which this finds itself)"
+        ) from exc
+    worker = BatchWorker(
+        [batch_queue(connection, redis_settings.keys)],
+        connection=connection,
+        serializer=JSONSerializer,
+        job_monitoring_interval=args.batch_heartbeat_interval,
+        maintenance_interval=args.batch_maintenance_interval,
+        # RQ blocks for a job for worker_ttl - 15 s: wake up for maintenance in time.
+        worker_ttl=args.batch_maintenance_interval + 15,
+    )
+    worker.work(burst=args.burst, logging_level=None)
