@@ -1,14 +1,19 @@
-"""The consumer side of the job streams: read, acknowledge, reclaim, dead-letter."""
+"""The consumer side of the job streams: read, acknowledge, reclaim, dead-letter.
+
+Each model has two job streams, one a lane (``keys.LANES``): interactive requests and Batch
+API lines. Both share the consumer group ``workers``; a :class:`Delivery` remembers its lane,
+so acknowledging, dead-lettering and handing it back touch the stream it came from.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from .keys import GROUP, Keys
+from .keys import GROUP, LANES, Keys, Lane
 
 # The consumer that jobs handed back by a stopping worker move to. No worker heartbeats under
 # this name, so the next reclaim of any live worker takes them.
@@ -78,6 +83,12 @@ class Delivery:
     payload: str  # the job's JSON
     attempt: int  # 1 for a first delivery
     reclaimed: bool = False  # claimed from a worker whose heartbeat lapsed
+    lane: Lane = "interactive"
+
+    @property
+    def key(self) -> tuple[Lane, str]:
+        """Unique among a worker's jobs: the two streams' entry ids may coincide."""
+        return self.lane, self.entry_id
 
 
 class JobConsumer:
@@ -90,44 +101,51 @@ class JobConsumer:
 
     async def ensure_groups(self, models: list[str]) -> None:
         for model in models:
-            try:
-                await self.redis.xgroup_create(self.keys.jobs(model), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for lane in LANES:
+                stream = self.keys.lane_jobs(model, lane)
+                try:
+                    await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
 
     async def read(
         self,
         models: list[str],
         count: int,
-        block_ms: int,
+        block_ms: int | None,
         *,
+        lanes: Sequence[Lane] = ("interactive",),
         own_pending: bool = False,
         running: Collection[str] = (),
     ) -> list[Delivery]:
-        """New jobs (``>``), or with ``own_pending`` this consumer's unacked ones.
+        """New jobs (``>``) from the streams of ``lanes`` (``count`` at most from each;
+        ``block_ms`` None does not block), or with ``own_pending`` this consumer's unacked
+        ones of its one lane.
 
         An own pending job is a re-delivery: its attempt is its delivery count, like a
-        reclaimed job's. Entry ids in ``running`` (jobs still running here) are skipped.
+        reclaimed job's. Entry ids in ``running`` (jobs of that lane still running here) are
+        skipped.
         """
         if own_pending:
-            return await self._read_own_pending(models, count, running)
-        streams = {self.keys.jobs(m): ">" for m in models}
+            (lane,) = lanes
+            return await self._read_own_pending(models, count, running, lane)
+        by_stream = {self.keys.lane_jobs(m, lane): (m, lane) for lane in lanes for m in models}
         reply = await self.redis.xreadgroup(
-            GROUP, self.consumer, streams, count=count, block=block_ms
+            GROUP, self.consumer, dict.fromkeys(by_stream, ">"), count=count, block=block_ms
         )
-        by_stream = {self.keys.jobs(m): m for m in models}
         deliveries = []
         for stream, entries in reply or []:
+            model, lane = by_stream[stream]
             for entry_id, fields in entries:
                 if fields is None:  # deleted while pending
-                    await self.ack(by_stream[stream], entry_id)
+                    await self.ack(model, entry_id, lane=lane)
                     continue
-                deliveries.append(Delivery(by_stream[stream], entry_id, fields.get("job", ""), 1))
+                deliveries.append(Delivery(model, entry_id, fields.get("job", ""), 1, lane=lane))
         return deliveries
 
     async def _read_own_pending(
-        self, models: list[str], count: int, running: Collection[str]
+        self, models: list[str], count: int, running: Collection[str], lane: Lane
     ) -> list[Delivery]:
         deliveries: list[Delivery] = []
         for model in models:
@@ -135,45 +153,62 @@ class JobConsumer:
             if left <= 0:
                 break
             rows = await self._own_pending(
-                keys=[self.keys.jobs(model)],
+                keys=[self.keys.lane_jobs(model, lane)],
                 args=[GROUP, self.consumer, left, left + len(running), *running],
             )
-            deliveries += [Delivery(model, entry_id, job, int(n)) for entry_id, job, n in rows]
+            deliveries += [
+                Delivery(model, entry_id, job, int(n), lane=lane) for entry_id, job, n in rows
+            ]
         return deliveries
 
-    async def ack(self, model: str, entry_id: str) -> None:
+    async def ack(self, model: str, entry_id: str, *, lane: Lane = "interactive") -> None:
+        stream = self.keys.lane_jobs(model, lane)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(self.keys.jobs(model), GROUP, entry_id)
-        pipe.xdel(self.keys.jobs(model), entry_id)
+        pipe.xack(stream, GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
         await pipe.execute()
 
-    async def reclaim(self, model: str, count: int = 100, scan: int = 1000) -> list[Delivery]:
-        """Claim up to ``count`` jobs whose owner stopped heartbeating, looking at the
-        ``scan`` oldest pending entries; attempt counts every delivery."""
+    async def reclaim(
+        self, model: str, count: int = 100, scan: int = 1000, *, lane: Lane = "interactive"
+    ) -> list[Delivery]:
+        """Claim up to ``count`` jobs of ``lane`` whose owner stopped heartbeating, looking
+        at the ``scan`` oldest pending entries; attempt counts every delivery."""
         rows = await self._reclaim(
-            keys=[self.keys.jobs(model)],
+            keys=[self.keys.lane_jobs(model, lane)],
             args=[GROUP, self.consumer, self.keys.alive_prefix(model), count, max(scan, count)],
         )
-        return [Delivery(model, entry_id, job, int(n), reclaimed=True) for entry_id, job, n in rows]
+        return [
+            Delivery(model, entry_id, job, int(n), reclaimed=True, lane=lane)
+            for entry_id, job, n in rows
+        ]
 
-    async def hand_back(self, model: str, entry_ids: list[str]) -> None:
+    async def hand_back(
+        self, model: str, entry_ids: list[str], *, lane: Lane = "interactive"
+    ) -> None:
         """Give read jobs back to the group at once (a stopping worker's unstarted or
         unfinished jobs), without waiting for its heartbeat to lapse. JUSTID: the move
         itself counts no delivery."""
         if entry_ids:
             await self.redis.xclaim(
-                self.keys.jobs(model), GROUP, HANDED_BACK, 0, entry_ids, justid=True
+                self.keys.lane_jobs(model, lane), GROUP, HANDED_BACK, 0, entry_ids, justid=True
             )
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move a job that keeps failing out of the way, keeping it for inspection."""
+        """Move a job that keeps failing out of the way, keeping it for inspection. Both
+        lanes share the model's dead-letter stream; each entry says its lane."""
+        stream = self.keys.lane_jobs(delivery.model, delivery.lane)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(
             self.keys.dead_letters(delivery.model),
-            {"job": delivery.payload, "reason": reason, "attempts": delivery.attempt},
+            {
+                "job": delivery.payload,
+                "reason": reason,
+                "attempts": delivery.attempt,
+                "lane": delivery.lane,
+            },
         )
-        pipe.xack(self.keys.jobs(delivery.model), GROUP, delivery.entry_id)
-        pipe.xdel(self.keys.jobs(delivery.model), delivery.entry_id)
+        pipe.xack(stream, GROUP, delivery.entry_id)
+        pipe.xdel(stream, delivery.entry_id)
         await pipe.execute()
 
     async def is_cancelled(self, model: str, request_ids: list[str]) -> list[bool]:

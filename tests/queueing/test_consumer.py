@@ -237,3 +237,86 @@ async def test_is_cancelled(aredis: aioredis.Redis, redis_settings: RedisSetting
     await JobQueue(aredis, keys).cancel(MODEL, "r2")
     assert await a.is_cancelled(MODEL, ["r1", "r2"]) == [False, True]
     assert await a.is_cancelled(MODEL, []) == []
+
+
+# the batch lane: the same group on its own stream, each delivery acting on the one it came from
+
+
+async def test_batch_lane_read_and_ack(
+    aredis: aioredis.Redis, redis_settings: RedisSettings
+) -> None:
+    keys = redis_settings.keys
+    (a,) = await consumers(aredis, keys, "A")
+    queue = JobQueue(aredis, keys)
+    groups = await aredis.xinfo_groups(keys.batch_jobs(MODEL))
+    assert [g["name"] for g in groups] == [GROUP]  # ensure_groups made both lanes' groups
+    line, request = make_job(), make_job()
+    await queue.enqueue(line, max_depth=10, lane="batch")
+    await queue.enqueue(request, max_depth=10)
+
+    # a plain read sees the interactive stream only; a batch read, the batch stream only
+    (first,) = await a.read([MODEL], count=5, block_ms=None)
+    assert (first.lane, Job.model_validate_json(first.payload)) == ("interactive", request)
+    (batch,) = await a.read([MODEL], count=5, block_ms=None, lanes=["batch"])
+    assert (batch.lane, batch.attempt, Job.model_validate_json(batch.payload)) == (
+        "batch",
+        1,
+        line,
+    )
+    assert batch.key != first.key
+
+    again = await a.read([MODEL], 5, None, lanes=["batch"], own_pending=True)
+    assert [(d.lane, d.entry_id, d.attempt) for d in again] == [("batch", batch.entry_id, 2)]
+    running = [batch.entry_id]
+    assert await a.read([MODEL], 5, None, lanes=["batch"], own_pending=True, running=running) == []
+
+    await a.ack(MODEL, batch.entry_id, lane="batch")
+    assert await queue.batch_depth(MODEL) == 0
+    assert await queue.depth(MODEL) == 1  # the interactive job is untouched
+
+
+async def test_blocking_read_of_both_lanes_wakes_for_either(
+    aredis: aioredis.Redis, redis_settings: RedisSettings
+) -> None:
+    keys = redis_settings.keys
+    (a,) = await consumers(aredis, keys, "A")
+    queue = JobQueue(aredis, keys)
+    await queue.enqueue(make_job(), max_depth=10, lane="batch")
+    await queue.enqueue(make_job(), max_depth=10)
+    both = await a.read([MODEL], count=5, block_ms=100, lanes=["interactive", "batch"])
+    assert sorted(d.lane for d in both) == ["batch", "interactive"]
+
+
+async def test_batch_lane_reclaim_hand_back_and_dead_letter(
+    aredis: aioredis.Redis, redis_settings: RedisSettings
+) -> None:
+    keys = redis_settings.keys
+    a, b = await consumers(aredis, keys, "A", "B")
+    await alive(aredis, keys, "B")
+    queue = JobQueue(aredis, keys)
+    for _ in range(2):
+        await queue.enqueue(make_job(), max_depth=10, lane="batch")
+    held = await a.read([MODEL], count=5, block_ms=None, lanes=["batch"])  # A then dies
+
+    assert await b.reclaim(MODEL) == []  # the interactive stream has nothing pending
+    claimed = await b.reclaim(MODEL, lane="batch")
+    assert [(d.lane, d.entry_id, d.attempt, d.reclaimed) for d in claimed] == [
+        ("batch", d.entry_id, 2, True) for d in held
+    ]
+
+    # B stops: one line goes back to the group, the next reclaim of a live worker takes it
+    await b.hand_back(MODEL, [claimed[0].entry_id], lane="batch")
+    owners = {
+        e["message_id"]: (e["consumer"], e["times_delivered"])
+        for e in await aredis.xpending_range(keys.batch_jobs(MODEL), GROUP, "-", "+", 10)
+    }
+    assert owners == {claimed[0].entry_id: ("handed-back", 2), claimed[1].entry_id: ("B", 2)}
+    await alive(aredis, keys, "A")
+    (back,) = await a.reclaim(MODEL, lane="batch")
+    assert (back.entry_id, back.attempt) == (claimed[0].entry_id, 3)
+
+    await b.dead_letter(claimed[1], "too many deliveries")
+    assert await queue.batch_depth(MODEL) == 1
+    ((_, fields),) = await aredis.xrange(keys.dead_letters(MODEL))
+    assert (fields["lane"], fields["attempts"]) == ("batch", "2")
+    assert await aredis.xlen(keys.jobs(MODEL)) == 0
