@@ -234,7 +234,8 @@ class BatchRunner:
                 if not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
             if not pending:
-                return "completed"
+                # A feeder leaves a line unrecorded only when the window ended on it.
+                return "expired" if time.time() >= batch.expires_at else "completed"
             status = await self.store.status(batch.id)
             if status == "cancelling":
                 self.stop_jobs = True
@@ -333,6 +334,8 @@ class BatchRunner:
                 outcome = "cancelled"  # the cancel came as the last line finished
         recorded = {r.line: r for r in await self.store.recorded(batch.id)}
         cut = [line for line in lines if line.number not in recorded]
+        if cut and outcome == "completed":
+            raise RuntimeError(f"batch {batch.id}: {len(cut)} lines ended without an answer")
         if outcome == "cancelled":
             await self._cancel_jobs(batch, cut)
         answers = [r.text for r in recorded.values() if r.ok]
