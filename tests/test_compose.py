@@ -48,7 +48,7 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
 def test_compose_layout() -> None:
     doc = compose()
     services = doc["services"]
-    assert {"redis", "api", "worker", "worker-cpu", "ui"} <= set(services)
+    assert {"redis", "api", "worker", "worker-cpu", "batch-worker", "ui"} <= set(services)
     assert "--appendonly" in services["redis"]["command"] and "healthcheck" in services["redis"]
     assert any(v.startswith("redis-data:") for v in services["redis"]["volumes"])
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
@@ -56,7 +56,7 @@ def test_compose_layout() -> None:
     assert services["worker-cpu"]["profiles"] == ["cpu"]
     assert all(v.endswith(":/models:ro") for v in services["worker"]["volumes"])
     # configuration only from the environment: commands carry no flags
-    for name in ("api", "worker", "worker-cpu", "ui"):
+    for name in ("api", "worker", "worker-cpu", "batch-worker", "ui"):
         command = services[name]["command"]
         assert command[0] == "tokenrelay" and len(command) == 2, command
         assert all(k.startswith("TOKENRELAY_") for k in services[name]["environment"])
@@ -122,6 +122,8 @@ def test_compose_services_answer_a_chat_request(compose_run: ComposeRun) -> None
     for i in range(3):  # docker compose up --scale worker=3
         compose_run.start("worker", services["worker"], i)
     compose_run.start("worker-cpu", services["worker-cpu"])
+    # docker compose up --scale batch-worker=2
+    batch_workers = [compose_run.start("batch-worker", services["batch-worker"], i) for i in (0, 1)]
     stack.wait_workers(4, api)
 
     model = interpolate(services["worker"]["environment"]["TOKENRELAY_MODEL_NAMES"], {})
@@ -141,6 +143,7 @@ def test_compose_services_answer_a_chat_request(compose_run: ComposeRun) -> None
     # the compose environment's log format reached every process
     assert api.output().lstrip().startswith("{")
     _check_api_healthcheck(services["api"], compose_run.ports["api"])
+    _check_batch_workers(compose_run, batch_workers, model)
     if "ui" in COMMANDS:
         _check_ui(compose_run, services["ui"])
 
@@ -149,6 +152,20 @@ def _check_api_healthcheck(api: dict[str, Any], port: int) -> None:
     test = [c.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for c in api["healthcheck"]["test"]]
     assert test[0] == "CMD" and test[1] == "python"
     subprocess.run([sys.executable, *test[2:]], check=True, timeout=30)
+
+
+def _check_batch_workers(run: ComposeRun, workers: list[Process], model: str) -> None:
+    """Both batch workers register with RQ, and a batch runs to completed."""
+    import openai
+
+    from .batch_files import chat_line, start, wait_for
+
+    run.stack.wait_batch_workers(2, workers[0])
+    client = openai.OpenAI(base_url=f"{run.stack.url}/v1", api_key="EMPTY", max_retries=0)
+    lines = [chat_line(f"c{i}", model, "hi", max_tokens=2) for i in range(4)]
+    batch = wait_for(client, start(client, lines).id, timeout=30)
+    assert batch.status == "completed" and batch.request_counts is not None
+    assert batch.request_counts.completed == 4
 
 
 def _check_ui(run: ComposeRun, ui: dict[str, Any]) -> None:

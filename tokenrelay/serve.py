@@ -1,4 +1,5 @@
-"""`tokenrelay serve`: Redis (embedded unless given), a worker and the API, in one command."""
+"""`tokenrelay serve`: Redis (embedded unless given), workers, a batch worker and the API, in
+one command."""
 
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> None:
         for i in range(args.workers):
             name = "worker" if args.workers == 1 else f"worker {i + 1}"
             children.start(name, *_worker_argv(args, model_path, names, redis_url))
+        # The Batch API's RQ worker: batches resume on it after it is started again.
+        children.start("batch worker", "batch-worker", "--redis-url", redis_url)
         children.start(
             "API",
             "api",
