@@ -7,6 +7,9 @@ model answers a batch in tests/test_batches_model.py.
 
 from __future__ import annotations
 
+import json
+import pathlib
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +19,7 @@ import openai
 import psutil
 import pytest
 
+from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import EmbeddedRedis
 
 from .batch_files import chat_line, completion_line, jsonl, lines_of, start, wait_for
@@ -246,3 +250,21 @@ def test_bad_batch_requests_are_openai_shaped_4xx(
         ("GET", "/v1/batches?limit=abc", 400, "invalid_value"),
     ]:
         assert_error(httpx.request(method, batch_stack.url + path, headers=auth), status, code)
+
+
+def test_batch_run_writes_every_line_in_input_order(
+    batch_stack: Stack, tmp_path: pathlib.Path
+) -> None:
+    lines = [chat_line(f"l{i}", "fake", f"q{i}", max_tokens=2) for i in range(5)]
+    lines.insert(3, chat_line("unknown", "no-such-model", "hi"))
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(jsonl(lines))
+    argv = ["batch", "run", str(source), "-o", str(output)]
+    argv += ["--api-url", f"{batch_stack.url}/v1", "--api-key", KEY, "--poll-interval", "0.2"]
+    done = subprocess.run(tokenrelay_argv(*argv), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "completed: 5 answered, 1 failed" in done.stderr
+    written = [json.loads(x) for x in output.read_text().splitlines()]
+    assert [x["custom_id"] for x in written] == [x["custom_id"] for x in lines]
+    assert written[3]["response"]["status_code"] == 404
+    assert all(x["response"]["status_code"] == 200 for x in written[:3] + written[4:])

@@ -15,6 +15,7 @@ COMMANDS = {
     "chat": ("tokenrelay.ui.terminal", "chat with a served model in the terminal"),
     "ui": ("tokenrelay.ui.main", "the browser chat, arena and status page (Gradio)"),
     "batch-worker": ("tokenrelay.batch_worker", "an RQ worker that runs Batch API jobs"),
+    "batch": ("tokenrelay.batch_cli", "run a batch file through the Batch API, with progress"),
     "status": ("tokenrelay.status", "workers, models, queues and tokens/s in a table, from Redis"),
     "bench": ("tokenrelay.bench.run", "load-test engines and the stack side by side"),
 }
