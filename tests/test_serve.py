@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,8 @@ from tokenrelay.serve import banner
 
 from .conftest import DEMO_MODEL
 from .stack import Stack
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _ignore_sigint() -> None:
@@ -112,6 +116,23 @@ def test_chat_cli_streams_and_resets(served, run_env) -> None:  # type: ignore[n
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Paris") == 2, done.stdout
     assert "conversation reset" in done.stderr
+
+
+def test_the_readme_batch_example_runs_against_serve(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """README's Batch API example, as written, against serve's own batch worker."""
+    url, _, _ = served
+    section = README.read_text().split("### Batch API", 1)[1]
+    (code,) = re.findall(r"^```python\n(.*?)^```", section, re.M | re.S)[:1]
+    assert '"http://127.0.0.1:8000/v1"' in code
+    script = tmp_path / "batch_example.py"
+    script.write_text(code.replace("http://127.0.0.1:8000/v1", f"{url}/v1"))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    first, *answers = done.stdout.splitlines()
+    assert first.startswith("completed") and "completed=2, failed=0, total=2" in first
+    assert [a.split()[0] for a in answers] == ["question-0", "question-1"]
 
 
 def test_a_killed_worker_is_started_again_and_loses_nothing(served) -> None:  # type: ignore[no-untyped-def]
