@@ -26,11 +26,12 @@ from tokenrelay import __version__
 from tokenrelay.logs import bind_request_id
 from tokenrelay.queueing.chunks import ChunkOutbox, ChunkPublisher
 from tokenrelay.queueing.consumer import Delivery, JobConsumer
-from tokenrelay.queueing.keys import Keys
+from tokenrelay.queueing.keys import Keys, Lane
 from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job, Result, Usage
 from tokenrelay.queueing.registry import Registry, WorkerInfo
 
 from .engine import Engine, EngineEvent, InvalidRequest
+from .lanes import LaneReader
 from .sampling import with_defaults
 from .throughput import Throughput
 
@@ -62,9 +63,12 @@ class Worker:
         self.engine = engine
         self.options = options
         self.consumer = JobConsumer(redis, keys, options.worker_id)
+        self.reader = LaneReader(self.consumer, options.models, options.concurrency)
         self.registry = Registry(redis, keys)
-        self.inflight: dict[str, asyncio.Task[None]] = {}  # stream entry id -> task
-        self.jobs: dict[str, Job] = {}  # stream entry id -> job
+        # keyed by Delivery.key: (lane, stream entry id)
+        self.inflight: dict[tuple[Lane, str], asyncio.Task[None]] = {}
+        self.deliveries: dict[tuple[Lane, str], Delivery] = {}
+        self.jobs: dict[tuple[Lane, str], Job] = {}
         self._noticed: set[str] = set()  # job ids whose cancel the cancel loop has logged
         self.outbox = ChunkOutbox(redis, interval=options.chunk_interval)
         self._slot_free = asyncio.Event()
@@ -126,18 +130,19 @@ class Worker:
         )
         if not pending:  # everything finished within the grace
             return
-        late = [e for e, task in self.inflight.items() if task in pending]
-        models = {e: self.jobs[e].model for e in late if e in self.jobs}
+        late = [self.deliveries[k] for k, task in self.inflight.items() if task in pending]
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=5)
-        for model in set(models.values()):  # the rest go back at once, for others to run
-            await self._hand_back(model, [e for e in late if models.get(e) == model])
+        streams = {(d.model, d.lane) for d in late}
+        for model, lane in streams:  # the rest go back at once, for others to run
+            ids = [d.entry_id for d in late if (d.model, d.lane) == (model, lane)]
+            await self._hand_back(model, ids, lane)
 
-    async def _hand_back(self, model: str, entry_ids: list[str]) -> None:
+    async def _hand_back(self, model: str, entry_ids: list[str], lane: Lane) -> None:
         try:
-            await self.consumer.hand_back(model, entry_ids)
-            log.info("handed back %d jobs of %s", len(entry_ids), model)
+            await self.consumer.hand_back(model, entry_ids, lane=lane)
+            log.info("handed back %d jobs of %s (%s lane)", len(entry_ids), model, lane)
         except (RedisError, OSError) as exc:  # they wait for our heartbeat to lapse instead
             log.warning("could not hand back %d jobs: %s", len(entry_ids), exc)
 
@@ -157,43 +162,51 @@ class Worker:
             # under steady load).
             if not own_pending and time.monotonic() >= next_reclaim:
                 next_reclaim = time.monotonic() + self.options.heartbeat_interval
-                if await self._reclaim(free):
+                claimed = await self.reader.reclaim(free)
+                for delivery in claimed:
+                    self._start(delivery)  # logged by the job's task, under its request id
+                if claimed:
                     continue
             if self._reread_at and time.monotonic() >= self._reread_at:
                 self._reread_at = 0.0  # a job failed on Redis: it is pending, run it again
                 own_pending = True
             try:
-                deliveries = await self.consumer.read(
-                    self.options.models,
-                    free,
-                    block_ms=1000,
-                    own_pending=own_pending,
-                    running=list(self.inflight),
-                )
+                if own_pending:
+                    deliveries, done = await self.reader.read_own_pending(free, self._running())
+                    own_pending = not done
+                else:
+                    deliveries = await self.reader.read(free)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("redis unreachable while reading jobs (%s); retrying", exc)
                 own_pending = True
                 await asyncio.sleep(1.0)
                 continue
-            if own_pending and len(deliveries) < free:
-                own_pending = False
             if self._stopping.is_set():  # read while stopping: not ours to run any more
                 for delivery in deliveries:
-                    await self._hand_back(delivery.model, [delivery.entry_id])
+                    await self._hand_back(delivery.model, [delivery.entry_id], delivery.lane)
                 break
             for delivery in deliveries:
                 self._start(delivery)
 
+    def _running(self) -> dict[Lane, list[str]]:
+        running: dict[Lane, list[str]] = {}
+        for lane, entry_id in self.inflight:
+            running.setdefault(lane, []).append(entry_id)
+        return running
+
     def _start(self, delivery: Delivery) -> None:
-        if delivery.entry_id in self.inflight or self._stopping.is_set():
+        key = delivery.key
+        if key in self.inflight or self._stopping.is_set():
             return
         task = asyncio.create_task(self._run_job(delivery), name=f"job-{delivery.entry_id}")
-        self.inflight[delivery.entry_id] = task
-        task.add_done_callback(lambda _: self._finished(delivery.entry_id))
+        self.inflight[key] = task
+        self.deliveries[key] = delivery
+        task.add_done_callback(lambda _: self._finished(key))
 
-    def _finished(self, entry_id: str) -> None:
-        self.inflight.pop(entry_id, None)
-        self.jobs.pop(entry_id, None)
+    def _finished(self, key: tuple[Lane, str]) -> None:
+        self.inflight.pop(key, None)
+        self.deliveries.pop(key, None)
+        self.jobs.pop(key, None)
         self._slot_free.set()
 
     # running one job
@@ -206,7 +219,7 @@ class Worker:
             await self.consumer.dead_letter(delivery, f"malformed job: {exc}")
             return
         job.params = with_defaults(job.params, self.engine.sampling_defaults)
-        self.jobs[delivery.entry_id] = job
+        self.jobs[delivery.key] = job
         bind_request_id(job.request_id or job.id)  # this job's task: its log records
         if delivery.reclaimed:
             log.warning("reclaimed job %s from a dead worker", delivery.entry_id)
@@ -221,10 +234,10 @@ class Worker:
         )
         try:
             if await self._should_skip(job, delivery, publisher):
-                await self.consumer.ack(job.model, delivery.entry_id)
+                await self.consumer.ack(job.model, delivery.entry_id, lane=delivery.lane)
                 return
             await self._generate(job, delivery, publisher)
-            await self.consumer.ack(job.model, delivery.entry_id)
+            await self.consumer.ack(job.model, delivery.entry_id, lane=delivery.lane)
         except asyncio.CancelledError:
             self.engine.cancel(job.id)
             raise
@@ -382,22 +395,6 @@ class Worker:
                 await self._heartbeat_once()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
-
-    async def _reclaim(self, free: int) -> int:
-        """Claim up to ``free`` jobs of workers whose heartbeat expired; returns how many."""
-        started = 0
-        for model in self.options.models:
-            if free - started <= 0:
-                break
-            try:
-                claimed = await self.consumer.reclaim(model, count=free - started)
-            except (RedisError, OSError) as exc:
-                log.warning("reclaim failed: %s", exc)
-                continue
-            for delivery in claimed:
-                self._start(delivery)  # logged by the job's task, under its request id
-                started += 1
-        return started
 
     async def _cancel_loop(self) -> None:
         """Notice cancellations of jobs that emit nothing for a while (long prefill, say)."""
