@@ -155,7 +155,7 @@ def _readme_flag_tables() -> dict[str, dict[str, str]]:
     header = "| Flag | Default | Meaning |"
     for part in text.split(header)[1:]:
         section = re.split(r"^##+ ", text[: text.index(header + part)], flags=re.M)[-1]
-        command = re.findall(r"`tokenrelay (\w+)", section)[0]
+        command = re.findall(r"`tokenrelay ([\w-]+)", section)[0]
         rows = tables.setdefault(command, {})
         for line in part.split("\n\n", 1)[0].splitlines()[2:]:
             flag, default = re.match(r"\| `(--[\w-]+)[^`]*` \| (.*?) \|", line).groups()

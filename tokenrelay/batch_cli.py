@@ -27,9 +27,13 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["run"], help="run: run INPUT as one batch")
-    parser.add_argument("input", metavar="INPUT.jsonl", help="the batch file (OpenAI's format)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl")
+    # Optional for argparse (a flag's variable may give them; see envflags.py), required
+    # by run().
+    parser.add_argument("action", nargs="?", choices=["run"], help="run: run INPUT as one batch")
+    parser.add_argument(
+        "input", nargs="?", metavar="INPUT.jsonl", help="the batch file (OpenAI's format)"
+    )
+    parser.add_argument("-o", "--output", metavar="OUTPUT.jsonl", help="where results go")
     parser.add_argument(
         "--api-url",
         help="the API's base URL (default: that of the `tokenrelay serve` running here, else "
@@ -42,7 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    data = Path(args.input).read_bytes()
+    if args.action != "run" or not args.input or not args.output:
+        raise SystemExit("usage: tokenrelay batch run INPUT.jsonl -o OUTPUT.jsonl [--api-url URL]")
+    try:
+        data = Path(args.input).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"tokenrelay batch: cannot read {args.input}: {exc}") from exc
     endpoint = _endpoint(data, args.input)
     api = runtime.api_url(args.api_url).rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"}
