@@ -26,12 +26,30 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240, 4
 
 # (name, help, field of ModelStatus): gauges read from Redis at scrape time, per model
 QUEUE_GAUGES = (
-    ("tokenrelay:num_requests_running", "Jobs a worker has taken and not finished.", "running"),
-    ("tokenrelay:num_requests_waiting", "Jobs queued, not yet taken by a worker.", "queued"),
+    (
+        "tokenrelay:num_requests_running",
+        "Interactive jobs a worker has taken and not finished.",
+        "running",
+    ),
+    (
+        "tokenrelay:num_requests_waiting",
+        "Interactive jobs queued, not yet taken by a worker.",
+        "queued",
+    ),
     (
         "tokenrelay:queue_lag_seconds",
         "Age of the oldest job no worker has taken yet (0 when none waits).",
         "oldest_queued_s",
+    ),
+    (
+        "tokenrelay:num_batch_requests_running",
+        "Batch API lines a worker has taken and not finished.",
+        "batch_running",
+    ),
+    (
+        "tokenrelay:num_batch_requests_waiting",
+        "Batch API lines queued on the batch lane, not yet taken by a worker.",
+        "batch_queued",
     ),
     ("tokenrelay:workers", "Live workers (fresh heartbeat) serving the model.", "workers"),
     ("tokenrelay:dead_letters", "Jobs in the model's dead-letter stream.", "dead_letters"),

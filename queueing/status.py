@@ -1,8 +1,9 @@
 """A point-in-time view of the whole system, read from Redis alone.
 
 One snapshot feeds ``GET /v1/status``, ``tokenrelay status`` and the gauges of
-``/metrics``: per model the live workers, queued and running jobs, tokens/s and dead
-letters; per worker what its last heartbeat reported.
+``/metrics``: per model the live workers, queued and running jobs of each lane
+(interactive requests, Batch API lines), tokens/s and dead letters; per worker what its last
+heartbeat reported.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from .registry import KNOWN_MODEL_TTL, Registry, WorkerInfo
 class ModelStatus(BaseModel):
     name: str
     workers: int
-    queued: int  # in the stream, not yet taken by a worker (or handed back by one)
-    running: int  # taken by a worker, not yet acknowledged
+    queued: int  # interactive: in the stream, not yet taken by a worker (or handed back)
+    running: int  # interactive: taken by a worker, not yet acknowledged
     tokens_per_s: float  # the live workers' generation rate, summed
     dead_letters: int
-    oldest_queued_s: float = 0.0  # age of the oldest job no worker has taken yet
+    oldest_queued_s: float = 0.0  # age of the oldest interactive job no worker has taken yet
+    batch_queued: int = 0  # the batch lane's, likewise
+    batch_running: int = 0
 
 
 class WorkerStatus(BaseModel):
@@ -70,22 +73,28 @@ async def _model_status(
     redis: aioredis.Redis, keys: Keys, name: str, workers: list[WorkerInfo]
 ) -> ModelStatus:
     stream = keys.jobs(name)
-    pipe = redis.pipeline(transaction=False)
-    pipe.xlen(stream)
-    pipe.xlen(keys.dead_letters(name))
-    length, dead = await pipe.execute()
-    running = await _running(redis, stream)
+    queued, running = await _depth(redis, stream)
+    batch_queued, batch_running = await _depth(redis, keys.batch_jobs(name))
     serving = [w for w in workers if name in w.models]
     return ModelStatus(
         name=name,
         workers=len(serving),
-        # Finished jobs are XDELed, so the stream holds exactly the queued + running ones.
-        queued=max(0, int(length) - running),
+        queued=queued,
         running=running,
         tokens_per_s=round(sum(w.tokens_per_s for w in serving), 2),
-        dead_letters=int(dead),
+        dead_letters=int(await redis.xlen(keys.dead_letters(name))),
         oldest_queued_s=await _oldest_queued_age(redis, stream),
+        batch_queued=batch_queued,
+        batch_running=batch_running,
     )
+
+
+async def _depth(redis: aioredis.Redis, stream: str) -> tuple[int, int]:
+    """Queued and running jobs of one job stream."""
+    # Finished jobs are XDELed, so the stream holds exactly the queued + running ones.
+    length = int(await redis.xlen(stream))
+    running = await _running(redis, stream)
+    return max(0, length - running), running
 
 
 async def _running(redis: aioredis.Redis, stream: str) -> int:
@@ -111,4 +120,3 @@ async def _oldest_queued_age(redis: aioredis.Redis, stream: str) -> float:
         return 0.0
     queued_ms = int(entries[0][0].split("-", 1)[0])
     return round(max(0.0, time.time() - queued_ms / 1000), 3)
-

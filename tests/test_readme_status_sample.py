@@ -24,5 +24,5 @@ def test_readme_status_sample_is_real_output() -> None:
     for model in status.models:
         serving = [w for w in status.workers if model.name in w.models]
         assert model.workers == len(serving)
-        assert model.running == sum(w.inflight for w in serving)
+        assert model.running + model.batch_running == sum(w.inflight for w in serving)
         assert model.tokens_per_s == round(sum(w.tokens_per_s for w in serving), 1)

@@ -109,12 +109,12 @@ def test_status_command_prints_tables(stack: Stack, sync_redis) -> None:  # type
     out = _cli(stack)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["MODEL", "WORKERS", "QUEUED", "RUNNING", "OLDEST", "TOKENS/S",
-                                "DEAD"]  # fmt: skip
-    assert lines[1].split() == ["fake", "1", "0", "0", "0.0s", "0.0", "1"]
+    assert lines[0].split() == ["MODEL", "WORKERS", "QUEUED", "RUNNING", "BATCH-QUEUED",
+                                "BATCH-RUNNING", "OLDEST", "TOKENS/S", "DEAD"]  # fmt: skip
+    assert lines[1].split() == ["fake", "1", "0", "0", "0", "0", "0.0s", "0.0", "1"]
     worker = next(ln for ln in lines if ln.startswith("w-")).split()
     assert worker[1:5] == ["fake", "cpu", "fake", "0/5"]
-    assert "1 workers, 0 queued, 0 running" in out.stdout
+    assert "1 workers, 0 queued, 0 running; batch lines: 0 queued, 0 running" in out.stdout
 
     as_json = json.loads(_cli(stack, "--json").stdout)
     assert as_json["models"][0]["dead_letters"] == 1 and len(as_json["workers"]) == 1

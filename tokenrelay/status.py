@@ -19,7 +19,9 @@ from tokenrelay.queueing.connection import RedisSettings, connect
 from tokenrelay.queueing.status import Status, snapshot
 
 CLEAR = "\x1b[H\x1b[2J"
-MODEL_HEADER = ["MODEL", "WORKERS", "QUEUED", "RUNNING", "OLDEST", "TOKENS/S", "DEAD"]
+MODEL_HEADER = (
+    "MODEL WORKERS QUEUED RUNNING BATCH-QUEUED BATCH-RUNNING OLDEST TOKENS/S DEAD".split()
+)
 WORKER_HEADER = (
     "WORKER MODELS DEVICE ENGINE IN-FLIGHT TOKENS/S HEARTBEAT HOST:PID UP VERSION".split()
 )
@@ -84,8 +86,8 @@ def render(status: Status, now: float | None = None) -> str:
     """Two tables: one row per model, one per live worker."""
     now = time.time() if now is None else now
     models = [
-        [m.name, m.workers, m.queued, m.running, f"{m.oldest_queued_s:.1f}s",
-         f"{m.tokens_per_s:.1f}", m.dead_letters]
+        [m.name, m.workers, m.queued, m.running, m.batch_queued, m.batch_running,
+         f"{m.oldest_queued_s:.1f}s", f"{m.tokens_per_s:.1f}", m.dead_letters]
         for m in status.models
     ]  # fmt: skip
     workers = [
@@ -98,7 +100,9 @@ def render(status: Status, now: float | None = None) -> str:
         _table(MODEL_HEADER, models),
         _table(WORKER_HEADER, workers),
         f"{len(status.workers)} workers, {sum(m.queued for m in status.models)} queued, "
-        f"{sum(m.running for m in status.models)} running",
+        f"{sum(m.running for m in status.models)} running; batch lines: "
+        f"{sum(m.batch_queued for m in status.models)} queued, "
+        f"{sum(m.batch_running for m in status.models)} running",
     ]
     return "\n\n".join(parts)
 
