@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tokenrelay.queueing.batch_status import BatchesStatus
 from tokenrelay.queueing.messages import Chunk
 from tokenrelay.queueing.status import ModelStatus, Status
 
@@ -77,6 +78,39 @@ class QueueCollector(Collector):
             for m in models:
                 gauge.add_metric([m.name], float(getattr(m, field)))
             yield gauge
+        if self.status and self.status.batches:
+            yield from batch_gauges(self.status.batches)
+
+
+BATCH_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def batch_gauges(batches: BatchesStatus) -> Iterator[Metric]:
+    """The batches not yet ended, their lines, and the RQ queue that runs them."""
+    by_status = GaugeMetricFamily(
+        "tokenrelay:batches", "Batches not yet ended, by status.", labels=["status"]
+    )
+    for status in BATCH_STATUSES:
+        by_status.add_metric([status], sum(b.status == status for b in batches.active))
+    yield by_status
+    lines = GaugeMetricFamily(
+        "tokenrelay:batch_lines",
+        "Lines of the batches not yet ended: all of them, answered, failed.",
+        labels=["state"],
+    )
+    for state in ("total", "completed", "failed"):
+        lines.add_metric([state], sum(getattr(b, state) for b in batches.active))
+    yield lines
+    q = batches.queue
+    jobs = GaugeMetricFamily(
+        "tokenrelay:batch_jobs", "Batch jobs on the RQ queue, by state.", labels=["state"]
+    )
+    for state in ("queued", "running", "failed"):
+        jobs.add_metric([state], getattr(q, state))
+    yield jobs
+    workers = GaugeMetricFamily("tokenrelay:batch_workers", "Batch workers registered with RQ.")
+    workers.add_metric([], q.workers)
+    yield workers
 
 
 class Metrics:

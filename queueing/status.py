@@ -3,7 +3,7 @@
 One snapshot feeds ``GET /v1/status``, ``tokenrelay status`` and the gauges of
 ``/metrics``: per model the live workers, queued and running jobs of each lane
 (interactive requests, Batch API lines), tokens/s and dead letters; per worker what its last
-heartbeat reported.
+heartbeat reported; the batches not yet ended and the RQ queue that runs them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
+from .batch_status import BatchesStatus, batches_snapshot
 from .consumer import HANDED_BACK
 from .keys import GROUP, Keys
 from .registry import KNOWN_MODEL_TTL, Registry, WorkerInfo
@@ -51,6 +52,7 @@ class WorkerStatus(BaseModel):
 class Status(BaseModel):
     models: list[ModelStatus]
     workers: list[WorkerStatus]
+    batches: BatchesStatus | None = None  # None: this Redis user may not read RQ's keys
 
 
 async def snapshot(redis: aioredis.Redis, keys: Keys) -> Status:
@@ -61,7 +63,11 @@ async def snapshot(redis: aioredis.Redis, keys: Keys) -> Status:
         names.update(w.models)
     models = [await _model_status(redis, keys, name, workers) for name in sorted(names)]
     reports = [WorkerStatus.model_validate(w.model_dump()) for w in workers]
-    return Status(models=models, workers=reports)
+    try:
+        batches = await batches_snapshot(redis, keys)
+    except ResponseError:  # NOPERM: an API user without the Batch API's rights
+        batches = None
+    return Status(models=models, workers=reports, batches=batches)
 
 
 async def _known_models(redis: aioredis.Redis, keys: Keys) -> list[str]:

@@ -7,6 +7,7 @@ model answers a batch in tests/test_batches_model.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import subprocess
@@ -268,3 +269,35 @@ def test_batch_run_writes_every_line_in_input_order(
     assert [x["custom_id"] for x in written] == [x["custom_id"] for x in lines]
     assert written[3]["response"]["status_code"] == 404
     assert all(x["response"]["status_code"] == 200 for x in written[:3] + written[4:])
+
+
+def test_status_and_metrics_show_running_batches_and_the_rq_queue(
+    client: openai.OpenAI, batch_stack: Stack
+) -> None:
+    lines = [chat_line(f"l{i}", "fake", f"q{i}", max_tokens=50) for i in range(20)]
+    created = start(client, lines)
+    wait_for(client, created.id, lambda b: b.request_counts and b.request_counts.completed >= 1)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status = httpx.get(f"{batch_stack.url}/v1/status", headers=auth).json()
+    (active,) = [b for b in status["batches"]["active"] if b["id"] == created.id]
+    assert active["status"] == "in_progress" and active["total"] == 20
+    assert active["completed"] >= 1 and active["model"] == "fake"
+    queue = status["batches"]["queue"]
+    assert queue["name"] == f"{batch_stack.prefix}-batches"
+    assert (queue["running"], queue["workers"]) == (1, 1)
+
+    metrics = httpx.get(f"{batch_stack.url}/metrics").text
+    assert 'tokenrelay:batches{status="in_progress"} 1.0' in metrics
+    assert 'tokenrelay:batch_lines{state="total"} 20.0' in metrics
+    assert 'tokenrelay:batch_jobs{state="running"} 1.0' in metrics
+    assert "tokenrelay:batch_workers 1.0" in metrics
+
+    argv = ["status", "--redis-url", batch_stack.redis_url, "--key-prefix", batch_stack.prefix]
+    shown = subprocess.run(tokenrelay_argv(*argv), capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    (row,) = [line.split() for line in shown.stdout.splitlines() if created.id in line]
+    assert row[1:4] == ["in_progress", "fake", "20"]
+    assert f"batch queue {batch_stack.prefix}-batches: 0 queued, 1 running" in shown.stdout
+    with contextlib.suppress(openai.BadRequestError):  # unless it has completed meanwhile
+        client.batches.cancel(created.id)
+    wait_for(client, created.id)

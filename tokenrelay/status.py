@@ -15,6 +15,7 @@ import sys
 import time
 
 from tokenrelay import runtime
+from tokenrelay.queueing.batch_status import BatchesStatus
 from tokenrelay.queueing.connection import RedisSettings, connect
 from tokenrelay.queueing.status import Status, snapshot
 
@@ -22,6 +23,7 @@ CLEAR = "\x1b[H\x1b[2J"
 MODEL_HEADER = (
     "MODEL WORKERS QUEUED RUNNING BATCH-QUEUED BATCH-RUNNING OLDEST TOKENS/S DEAD".split()
 )
+BATCH_HEADER = "BATCH STATUS MODEL LINES DONE FAILED AGE".split()
 WORKER_HEADER = (
     "WORKER MODELS DEVICE ENGINE IN-FLIGHT TOKENS/S HEARTBEAT HOST:PID UP VERSION".split()
 )
@@ -83,7 +85,8 @@ async def _show(settings: RedisSettings, watch: float | None, as_json: bool) -> 
 
 
 def render(status: Status, now: float | None = None) -> str:
-    """Two tables: one row per model, one per live worker."""
+    """Two tables: one row per model, one per live worker; a third, of batches, when the
+    Batch API has a batch worker or a batch."""
     now = time.time() if now is None else now
     models = [
         [m.name, m.workers, m.queued, m.running, m.batch_queued, m.batch_running,
@@ -104,7 +107,23 @@ def render(status: Status, now: float | None = None) -> str:
         f"{sum(m.batch_queued for m in status.models)} queued, "
         f"{sum(m.batch_running for m in status.models)} running",
     ]
+    if status.batches and (status.batches.active or status.batches.queue.workers):
+        parts += _batches(status.batches, now)
     return "\n\n".join(parts)
+
+
+def _batches(batches: BatchesStatus, now: float) -> list[str]:
+    rows = [
+        [b.id, b.status, b.model or "-", b.total, b.completed, b.failed,
+         _duration(now - b.created_at)]
+        for b in batches.active
+    ]  # fmt: skip
+    q = batches.queue
+    return [
+        _table(BATCH_HEADER, rows),
+        f"batch queue {q.name}: {q.queued} queued, {q.running} running, {q.failed} failed; "
+        f"{q.workers} batch workers",
+    ]
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
