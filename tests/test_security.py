@@ -1,5 +1,6 @@
 """Security: API keys from env and file, per-key rate limits shared through Redis, request
-bounds, no raw key in Redis, and least-privilege Redis ACL users for the API and workers.
+bounds, no raw key in Redis, and least-privilege Redis ACL users for the API, the workers and
+the batch workers.
 
 Real processes throughout: a real redis-server, `tokenrelay api` and fake workers.
 """
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
 
 from tokenrelay.embedded_redis import EmbeddedRedis
 
+from .batch_files import chat_line, start, wait_for
 from .openai_errors import assert_error
 from .stack import Stack
 
@@ -30,13 +33,14 @@ ACL_API = (
     "+mget +smembers +srem +zscore +subscribe +unsubscribe +incrby +pttl +pexpire "
     "+zrangebyscore +xpending +xinfo|groups "
     "+hset +hgetall +persist +expireat +multi +exec +del +zadd +zrem +zrangebylex "
-    "+zrevrangebylex"
+    "+zrevrangebylex +sadd +hget +exists +rpush +info +expire +llen +zcount"
 )
 ACL_WORKER = (
     "-@all +ping +evalsha +eval +script|load +multi +exec +xreadgroup +xack "
     "+xdel +xgroup|create +xpending +xclaim +xadd +xlen +expire +publish +exists +set +del "
     "+sadd +srem +zadd"
 )
+ACL_BATCH = "+@all -@dangerous +info"
 
 
 def chat(stack: Stack, key: str | None = None, **body: Any) -> httpx.Response:
@@ -255,12 +259,16 @@ def acl_redis() -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis().start()
     admin = redis.Redis(port=server.port, decode_responses=True)
     admin.execute_command(
-        "ACL", "SETUSER", "tr-api", "on", ">api-pass", "resetkeys", "~tr:*", "resetchannels",
-        "&tr:*", *ACL_API.split(),
+        "ACL", "SETUSER", "tr-api", "on", ">api-pass", "resetkeys", "~tr:*", "~rq:*",
+        "resetchannels", "&tr:*", *ACL_API.split(),
     )  # fmt: skip
     admin.execute_command(
         "ACL", "SETUSER", "tr-worker", "on", ">worker-pass", "resetkeys", "~tr:*",
         "resetchannels", "&tr:*", *ACL_WORKER.split(),
+    )  # fmt: skip
+    admin.execute_command(
+        "ACL", "SETUSER", "tr-batch", "on", ">batch-pass", "resetkeys", "~tr:*", "~rq:*",
+        "resetchannels", "&tr:*", "&rq:*", *ACL_BATCH.split(),
     )  # fmt: skip
     admin.execute_command("ACL", "SETUSER", "admin", "on", ">admin-pass", "~*", "&*", "+@all")
     admin.execute_command("ACL", "SETUSER", "default", "off")
@@ -292,9 +300,11 @@ def test_acl_users_serve_a_request(acl_redis: EmbeddedRedis) -> None:
 
     api = Stack(f"redis://tr-api:api-pass@127.0.0.1:{port}/0", "tr")
     worker = Stack(f"redis://tr-worker:worker-pass@127.0.0.1:{port}/0", "tr")
+    batch = Stack(f"redis://tr-batch:batch-pass@127.0.0.1:{port}/0", "tr")
     try:
         api.api("--api-keys", "acl-key", "--rate-limit-rpm", "50", "--rate-limit-tpm", "10000")
         proc = worker.fake_worker(wait=False)
+        batch_worker = batch.batch_worker(wait=False)
         deadline = time.monotonic() + 60
         while not any(admin.exists(f"tr:worker:{i}") for i in admin.smembers("tr:workers")):
             assert proc.alive(), proc.output()
@@ -329,9 +339,17 @@ def test_acl_users_serve_a_request(acl_redis: EmbeddedRedis) -> None:
             file_id
         ]
         assert httpx.delete(f"{api.url}/v1/files/{file_id}", headers=auth).json()["deleted"]
-        for p in api.processes + worker.processes:
+        # a batch: the API's user queues it on RQ, the batch worker's runs it
+        batch.wait_batch_workers(1, batch_worker)
+        client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="acl-key", max_retries=0)
+        done = wait_for(client, start(client, [chat_line("a", "fake", "hi", max_tokens=2)]).id)
+        assert done.status == "completed" and done.output_file_id, done
+        r = httpx.get(f"{api.url}/v1/status", headers=auth)
+        assert r.json()["batches"]["queue"]["workers"] == 1, r.text
+        for p in api.processes + worker.processes + batch.processes:
             assert "NOPERM" not in p.output() and "no permissions" not in p.output(), p.output()
     finally:
+        batch.stop()
         worker.stop()
         api.stop()
         admin.close()
