@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from tokenrelay.queueing.jobs import JobQueue
 from tokenrelay.queueing.keys import Lane
@@ -28,12 +28,31 @@ log = logging.getLogger(__name__)
 
 
 def redis_down(exc: Exception) -> APIError:
+    if _refused(exc):
+        return APIError(
+            503,
+            f"Redis refused a command to this API's user: {exc}. Give the user the rights "
+            "README's Security section lists (Redis: passwords, TLS and least-privilege users).",
+            type="server_error",
+            code="redis_no_permission",
+        )
     return APIError(
         503,
         f"The job queue (Redis) is unreachable: {exc}. Retry shortly.",
         type="server_overloaded",
         code="queue_unavailable",
         retry_after=2,
+    )
+
+
+def _refused(exc: Exception) -> bool:
+    """An ACL refusal: NOPERM, or a script calling a command the user may not run (redis-py
+    raises that one, and a refused command of a pipeline, as plain ResponseErrors)."""
+    text = str(exc)
+    return (
+        isinstance(exc, NoPermissionError)
+        or "no permissions" in text
+        or ("can't run this command" in text)
     )
 
 

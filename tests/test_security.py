@@ -353,3 +353,27 @@ def test_acl_users_serve_a_request(acl_redis: EmbeddedRedis) -> None:
         worker.stop()
         api.stop()
         admin.close()
+
+
+def test_a_command_redis_refuses_is_a_503_naming_the_acl(acl_redis: EmbeddedRedis) -> None:
+    """Bug: an API user without the Batch API's rights got 'The job queue (Redis) is
+    unreachable' for POST /v1/batches: an ACL refusal now says so, and where the fix is."""
+    from tokenrelay.api.service import redis_down
+
+    worker = redis.Redis.from_url(f"redis://tr-worker:worker-pass@127.0.0.1:{acl_redis.port}/0")
+    refused = []
+    with pytest.raises(redis.RedisError) as err:
+        worker.hgetall("tr:x")  # not in the worker's list
+    refused.append(err.value)
+    with pytest.raises(redis.RedisError) as err:  # nor from a script
+        worker.register_script("return redis.call('HGETALL', KEYS[1])")(keys=["tr:x"])
+    refused.append(err.value)
+    with pytest.raises(redis.RedisError) as err:
+        with worker.pipeline(transaction=False) as pipe:
+            pipe.set("tr:y", 1).hgetall("tr:x").execute()
+    refused.append(err.value)
+    for exc in refused:
+        answer = redis_down(exc)
+        assert (answer.status, answer.code) == (503, "redis_no_permission"), exc
+        assert "Security" in answer.message
+    worker.close()
