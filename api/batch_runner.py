@@ -201,6 +201,8 @@ class BatchRunner:
             return None
 
     async def _process(self, batch: Batch, lines: list[BatchLine]) -> str:
+        if time.time() >= batch.expires_at:  # it waited for a batch worker all its window
+            return "expired"
         service = self._service(batch)
         recorded = await self.store.recorded_lines(batch.id)
         todo: asyncio.Queue[BatchLine] = asyncio.Queue()
@@ -350,6 +352,7 @@ class BatchRunner:
             outcome,  # type: ignore[arg-type]
             output_file_id=output_id,
             error_file_id=error_id,
+            total=len(lines),  # also for a batch cancelled before it was in progress
             completed=len(answers),
             failed=len(lines) - len(answers),
         )

@@ -22,6 +22,9 @@ import pytest
 
 from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import EmbeddedRedis
+from tokenrelay.queueing import batch_queue
+from tokenrelay.queueing.batches import Batch, BatchStore
+from tokenrelay.queueing.connection import RedisSettings, connect
 
 from .batch_files import chat_line, completion_line, jsonl, lines_of, start, wait_for
 from .openai_errors import assert_error
@@ -301,3 +304,36 @@ def test_status_and_metrics_show_running_batches_and_the_rq_queue(
     with contextlib.suppress(openai.BadRequestError):  # unless it has completed meanwhile
         client.batches.cancel(created.id)
     wait_for(client, created.id)
+
+
+async def test_a_resumed_line_whose_answer_expired_meanwhile_runs_again(
+    client: openai.OpenAI, batch_stack: Stack
+) -> None:
+    """A run that resumes a line a dead run queued long ago: its job is done and its chunk
+    log expired, so its enqueue marker alone would dedupe it into a wait for ever."""
+    settings = RedisSettings(url=batch_stack.redis_url, prefix=batch_stack.prefix)
+    redis = connect(settings)
+    store = BatchStore(redis, settings.keys)
+    lines = [chat_line(f"l{i}", "fake", f"q{i}", max_tokens=2) for i in range(2)]
+    upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    now = int(time.time())
+    batch = Batch(
+        id=store.new_id(),
+        endpoint="/v1/chat/completions",
+        input_file_id=upload.id,
+        completion_window="24h",
+        status="in_progress",  # as a run that died left it
+        created_at=now,
+        expires_at=now + 3600,
+        in_progress_at=now,
+        total=2,
+    )
+    await store.create(batch)
+    gone = f"chatcmpl-{batch.id}-1"  # line 1's job: its marker, nothing else
+    await redis.set(settings.keys.enqueued("fake", gone), "1-0", ex=3600)
+    batch_queue.enqueue(batch_queue.sync_connect(settings), settings.keys, batch.id, 3600)
+    await redis.aclose()
+
+    done = wait_for(client, batch.id, timeout=20)
+    assert done.status == "completed" and done.request_counts is not None
+    assert done.request_counts.completed == 2
