@@ -125,7 +125,7 @@ async def read_upload(request: Request, writer: FileWriter) -> Upload:
     aborts). Raises APIError(400) for a malformed body or one over the byte budget."""
     budget = writer.max_bytes + OVERHEAD_BYTES + DRAIN_BYTES if writer.max_bytes else 0
     declared = request.headers.get("content-length", "")
-    if budget and declared.isdigit() and int(declared) > budget:
+    if budget and declared.isdecimal() and int(declared) > budget:
         raise too_large(writer.max_bytes, int(declared), at_least=True)
     upload = Upload()
     collector = _Collector(upload)

@@ -252,6 +252,7 @@ def test_bad_batch_requests_are_openai_shaped_4xx(
         ("POST", "/v1/batches/batch_nope/cancel", 404, "batch_not_found"),
         ("GET", "/v1/batches?limit=0", 400, "invalid_value"),
         ("GET", "/v1/batches?limit=abc", 400, "invalid_value"),
+        ("GET", "/v1/batches?limit=%C2%B9", 400, "invalid_value"),  # '¹': a digit, no int
     ]:
         assert_error(httpx.request(method, batch_stack.url + path, headers=auth), status, code)
 

@@ -32,7 +32,7 @@ async def list_batches(
     batches: Batches, after: str | None = None, limit: str = "20"
 ) -> dict[str, Any]:
     """A page of batches, newest first; page on with ``after``."""
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST:
+    if not limit.isdecimal() or not 1 <= int(limit) <= MAX_LIST:
         raise APIError(
             400,
             f"'limit' must be an integer from 1 to {MAX_LIST}, not {limit!r}.",

@@ -114,7 +114,7 @@ def _checked(upload: Upload, writer: FileWriter) -> tuple[str, int | None]:
             param="expires_after.anchor",
         )
     low, high = EXPIRES_AFTER_S
-    if seconds is None or not seconds.isdigit() or not low <= int(seconds) <= high:
+    if seconds is None or not seconds.isdecimal() or not low <= int(seconds) <= high:
         raise APIError(
             400,
             f"'expires_after.seconds' must be an integer from {low} to {high}, not {seconds!r}.",
@@ -133,7 +133,7 @@ async def list_files(
     after: str | None = None,
 ) -> dict[str, Any]:
     """A page of files, newest first unless ``order=asc``; page on with ``after``."""
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST:
+    if not limit.isdecimal() or not 1 <= int(limit) <= MAX_LIST:
         raise APIError(
             400,
             f"'limit' must be an integer from 1 to {MAX_LIST}, not {limit!r}.",
