@@ -28,6 +28,7 @@ class WorkerInfo(BaseModel):
     pid: int = 0
     max_context: int = 0
     engine: str = ""
+    weights: str = ""  # the weight format: a --low-bit name, or the dtype
     last_heartbeat: float = 0.0  # unix seconds, set by each heartbeat
     tokens_per_s: float = 0.0  # completion tokens per second over the last few seconds
     tokens_total: int = 0  # completion tokens generated since the worker started

@@ -41,6 +41,7 @@ class WorkerStatus(BaseModel):
     capacity: int
     inflight: int
     engine: str
+    weights: str = ""
     host: str
     pid: int
     started_at: float

@@ -113,7 +113,7 @@ def test_status_command_prints_tables(stack: Stack, sync_redis) -> None:  # type
                                 "BATCH-RUNNING", "OLDEST", "TOKENS/S", "DEAD"]  # fmt: skip
     assert lines[1].split() == ["fake", "1", "0", "0", "0", "0", "0.0s", "0.0", "1"]
     worker = next(ln for ln in lines if ln.startswith("w-")).split()
-    assert worker[1:5] == ["fake", "cpu", "fake", "0/5"]
+    assert worker[1:6] == ["fake", "cpu", "fake", "-", "0/5"]  # a fake engine has no weights
     assert "1 workers, 0 queued, 0 running; batch lines: 0 queued, 0 running" in out.stdout
 
     as_json = json.loads(_cli(stack, "--json").stdout)

@@ -18,6 +18,7 @@ import httpx
 from . import runtime
 from .embedded_redis import EmbeddedRedis, free_port
 from .supervisor import Supervisor
+from .workers.lowbit.formats import FORMATS as LOW_BIT_FORMATS
 
 DEMO_QUESTION = "What is the capital of France?"
 # Greedy: at temperature 1 the demo model answered off topic 4 times in 4; at 0 it says Paris.
@@ -37,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--max-gpu-memory")
+    parser.add_argument(
+        "--low-bit",
+        choices=list(LOW_BIT_FORMATS),
+        help="the workers' weight format (see `tokenrelay worker --help`), e.g. sym_int4",
+    )
     parser.add_argument(
         "--limit-worker-concurrency",
         type=int,
@@ -172,6 +178,7 @@ def _worker_argv(
         "--num-gpus",
         str(args.num_gpus),
         *(["--max-gpu-memory", args.max_gpu_memory] if args.max_gpu_memory else []),
+        *(["--low-bit", args.low_bit] if args.low_bit else []),
         *(
             ["--limit-worker-concurrency", str(args.limit_worker_concurrency)]
             if args.limit_worker_concurrency

@@ -25,7 +25,7 @@ MODEL_HEADER = (
 )
 BATCH_HEADER = "BATCH STATUS MODEL LINES DONE FAILED AGE".split()
 WORKER_HEADER = (
-    "WORKER MODELS DEVICE ENGINE IN-FLIGHT TOKENS/S HEARTBEAT HOST:PID UP VERSION".split()
+    "WORKER MODELS DEVICE ENGINE WEIGHTS IN-FLIGHT TOKENS/S HEARTBEAT HOST:PID UP VERSION".split()
 )
 
 
@@ -94,7 +94,8 @@ def render(status: Status, now: float | None = None) -> str:
         for m in status.models
     ]  # fmt: skip
     workers = [
-        [w.id, ",".join(w.models), w.device, w.engine, f"{w.inflight}/{w.capacity}",
+        [w.id, ",".join(w.models), w.device, w.engine, w.weights or "-",
+         f"{w.inflight}/{w.capacity}",
          f"{w.tokens_per_s:.1f}", f"{now - w.last_heartbeat:.1f}s ago", f"{w.host}:{w.pid}",
          _duration(now - w.started_at), w.version]
         for w in status.workers

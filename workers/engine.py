@@ -92,6 +92,7 @@ class Engine(ABC):
     max_context: int = 0
     # The model's generation_config defaults, for sampling fields a request leaves out.
     sampling_defaults: Mapping[str, float | int] = MappingProxyType({})
+    weights: str = ""  # the weight format: a --low-bit name or a dtype (registry, status)
 
     @abstractmethod
     def submit(self, job: Job) -> JobHandle:

@@ -37,12 +37,12 @@ def supports(model: torch.nn.Module) -> bool:
 @dataclass
 class _Layer:
     ln1: Tensor
-    qkv: Tensor  # (q + k + v rows, hidden)
+    qkv: Tensor | torch.nn.Module  # (q + k + v rows, hidden), or a quantized Linear
     qkv_bias: Tensor | None
-    o: Tensor
+    o: Tensor | torch.nn.Module
     ln2: Tensor
-    gate_up: Tensor  # (2 * intermediate, hidden)
-    down: Tensor
+    gate_up: Tensor | torch.nn.Module  # (2 * intermediate, hidden)
+    down: Tensor | torch.nn.Module
 
 
 class LlamaRunner:
@@ -57,9 +57,9 @@ class LlamaRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.vocab = config.vocab_size
-        self.embed = model.model.embed_tokens.weight
+        self.embed = model.model.embed_tokens  # modules: either may be quantized (lowbit/)
         self.norm = model.model.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = model.lm_head
         self.layers = [_take_layer(layer) for layer in model.model.layers]
         # One position past max_len is scratch: padding rows and graph warm-ups write there,
         # and no real sequence ever attends to it.
@@ -99,7 +99,7 @@ class LlamaRunner:
         for row, ids in enumerate(prompts):
             tokens[row, : len(ids)] = torch.tensor(ids)
         rows = torch.tensor(slots, device=self.device)
-        x = self.embed[tokens.to(self.device)]  # (B, width, hidden)
+        x = self.embed(tokens.to(self.device))  # (B, width, hidden)
         cos, sin = self.cos[:width], self.sin[:width]
         groups = self.heads // self.kv_heads
         for i, layer in enumerate(self.layers):
@@ -142,7 +142,7 @@ class LlamaRunner:
     def _decode(self, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
         batch = tokens.shape[0]
         rows = self.rows[:batch]
-        x = self.embed[tokens][:, None]  # (B, 1, hidden)
+        x = self.embed(tokens)[:, None]  # (B, 1, hidden)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, d)
         # (B, 1, 1, span): a slot sees its own tokens up to and including this one
         mask = (self.span[:span][None] <= positions[:, None])[:, None, None]
@@ -194,7 +194,7 @@ class LlamaRunner:
     def _qkv(self, layer: _Layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
         batch, n, _ = x.shape
         h = _rms_norm(x, layer.ln1, self.eps)
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        qkv = _linear(h, layer.qkv, layer.qkv_bias)
         d, kv = self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([self.heads * d, kv, kv], dim=-1)
         q = q.view(batch, n, self.heads, d).transpose(1, 2)
@@ -204,13 +204,13 @@ class LlamaRunner:
         return _rope(q, cos, sin), _rope(k, cos, sin), v
 
     def _finish_layer(self, layer: _Layer, x: Tensor, attn: Tensor) -> Tensor:
-        x = x + F.linear(attn, layer.o)
+        x = x + _linear(attn, layer.o)
         h = _rms_norm(x, layer.ln2, self.eps)
-        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.down)
+        gate, up = _linear(h, layer.gate_up).chunk(2, dim=-1)
+        return x + _linear(F.silu(gate) * up, layer.down)
 
     def _logits(self, x: Tensor) -> Tensor:
-        return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head).float()
+        return self.lm_head(_rms_norm(x, self.norm, self.eps)).float()  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -224,18 +224,41 @@ class _Graph:
 def _take_layer(layer: torch.nn.Module) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-    bias = None
-    if attn.q_proj.bias is not None:
-        bias = torch.cat([p.bias for p in projections])
+    qkv, bias = _fused(projections)
+    gate_up, _ = _fused((mlp.gate_proj, mlp.up_proj))
     return _Layer(
         ln1=layer.input_layernorm.weight,
-        qkv=torch.cat([p.weight for p in projections]),
+        qkv=qkv,
         qkv_bias=bias,
-        o=attn.o_proj.weight,
+        o=_weight(attn.o_proj),
         ln2=layer.post_attention_layernorm.weight,
-        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-        down=mlp.down_proj.weight,
+        gate_up=gate_up,
+        down=_weight(mlp.down_proj),
     )
+
+
+def _fused(parts: tuple[torch.nn.Module, ...]) -> tuple[Tensor | torch.nn.Module, Tensor | None]:
+    """One weight for sibling projections: their quantized group's product when --low-bit
+    fused and quantized them (lowbit/apply.py), else their weights concatenated."""
+    from .paged.fuse import ProjectionPart
+
+    first = parts[0]
+    if isinstance(first, ProjectionPart) and first.group.op is not None:
+        return first.group.op, None  # the bias is the op's
+    bias = None
+    if first.bias is not None:
+        bias = torch.cat([p.bias for p in parts])  # type: ignore[misc]
+    return torch.cat([p.weight for p in parts]), bias  # type: ignore[misc]
+
+
+def _weight(linear: torch.nn.Module) -> Tensor | torch.nn.Module:
+    return linear.weight if type(linear) is torch.nn.Linear else linear  # type: ignore[return-value]
+
+
+def _linear(x: Tensor, weight: Tensor | torch.nn.Module, bias: Tensor | None = None) -> Tensor:
+    if isinstance(weight, Tensor):
+        return F.linear(x, weight, bias)
+    return weight(x)  # type: ignore[no-any-return]
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -1,4 +1,5 @@
-"""Load a transformers model folder or a GGUF file onto a device, with progress bars."""
+"""Load a transformers model folder or a GGUF file onto a device, with progress bars, and
+quantize it for ``--low-bit``."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class LoadOptions:
     dtype: str = "auto"
     num_gpus: int = 1
     max_gpu_memory: str | None = None
-    load_8bit: bool = False
+    low_bit: str | None = None  # a lowbit.formats name
     trust_remote_code: bool = False
 
 
@@ -76,16 +77,29 @@ def load(options: LoadOptions):  # type: ignore[no-untyped-def]
     """Returns (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .lowbit.formats import BITSANDBYTES, check_format
+
     check_device(options.device)
+    fmt = check_format(options.low_bit, options.device) if options.low_bit else None
+    if fmt is not None and fmt.dtype is not None:  # fp16, bf16: a dtype
+        if options.dtype not in ("auto", fmt.dtype):
+            raise SystemExit(
+                f"--low-bit {fmt.name} loads in {fmt.dtype}, not --dtype {options.dtype}"
+            )
+        options.dtype, fmt = fmt.dtype, None
+    bitsandbytes = fmt is not None and options.device == "cuda" and fmt.name == BITSANDBYTES
     if options.model_path.startswith("random:"):
-        return _random(options)
+        model, tokenizer = _random(options)
+        if fmt is not None and not bitsandbytes:
+            _quantize(model, fmt, options.model_path)
+        return model, tokenizer
     source, extra = _source(options.model_path)
     kwargs: dict[str, object] = {
         "dtype": resolve_dtype(options.dtype, options.device),
         "trust_remote_code": options.trust_remote_code,
         **extra,
     }
-    if options.load_8bit:
+    if bitsandbytes:
         kwargs["quantization_config"] = _eight_bit()
     if options.device == "cuda" and (options.num_gpus > 1 or options.max_gpu_memory):
         kwargs["device_map"] = "auto"
@@ -98,7 +112,28 @@ def load(options: LoadOptions):  # type: ignore[no-untyped-def]
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     log.info("loaded %s in %.1fs", options.model_path, time.monotonic() - started)
+    if fmt is not None and not bitsandbytes:
+        _quantize(model, fmt, options.model_path)
     return model, tokenizer
+
+
+def _quantize(model: Any, fmt: Any, model_path: str) -> None:
+    from .lowbit.apply import quantize_model
+    from .lowbit.gguf import describe
+
+    if model_path.endswith(".gguf"):
+        # transformers dequantizes a GGUF's tensors as it loads them; say what they were
+        log.info(
+            "%s holds %s weights; transformers dequantized them on load, and they are "
+            "re-quantized to %s now%s",
+            Path(model_path).name,
+            describe(model_path),
+            fmt.name,
+            " (Q4_1's grid: exact)"
+            if fmt.name == "asym_int4" and "Q4_1" in describe(model_path)
+            else "",
+        )
+    quantize_model(model, fmt)
 
 
 def generation_defaults(model: Any) -> dict[str, float | int]:
@@ -115,7 +150,7 @@ def _eight_bit():  # type: ignore[no-untyped-def]
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
         raise SystemExit(
-            "--load-8bit needs bitsandbytes and a CUDA GPU: pip install bitsandbytes"
+            "--low-bit sym_int8 (--load-8bit) on CUDA needs bitsandbytes: pip install bitsandbytes"
         ) from exc
     from transformers import BitsAndBytesConfig
 

@@ -13,6 +13,7 @@ from tokenrelay import runtime
 from tokenrelay.queueing.connection import RedisSettings, connect
 
 from .engine import Engine
+from .lowbit.formats import FORMATS as LOW_BIT_CHOICES
 from .worker import Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split the model over this many GPUs (accelerate device map)",
     )
     parser.add_argument("--max-gpu-memory", help="per-GPU memory cap for the split, e.g. 20GiB")
-    parser.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
+    parser.add_argument(
+        "--low-bit",
+        choices=list(LOW_BIT_CHOICES),
+        help="weight format, IPEX-LLM's names: sym_int4 / asym_int4 (4-bit, groups of 32, "
+        "symmetric or with a minimum: GGUF Q4_0's and Q4_1's grids), sym_int8 (8-bit, a "
+        "scale per channel), fp16, bf16. 4-bit and 8-bit run on CPU; on CUDA sym_int8 goes "
+        "through bitsandbytes with the hf engine, and the rest are not there yet",
+    )
+    parser.add_argument(
+        "--load-8bit", action="store_true", help="FastChat's flag: the same as --low-bit sym_int8"
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument(
         "--limit-worker-concurrency",
@@ -135,12 +146,19 @@ def model_names(args: argparse.Namespace) -> list[str]:
     return ["fake"]
 
 
+def low_bit(args: argparse.Namespace) -> str | None:
+    """``--low-bit``, with ``--load-8bit`` read as sym_int8."""
+    if args.load_8bit and args.low_bit not in (None, "sym_int8"):
+        raise SystemExit(f"--load-8bit means --low-bit sym_int8, not {args.low_bit}: pass one")
+    return "sym_int8" if args.load_8bit else args.low_bit
+
+
 def paged_blockers(args: argparse.Namespace) -> list[str]:
-    """The flags that rule out the paged engine: it needs the whole model, unquantized, on
-    one device, so a quantized or split model is not for it."""
+    """The flags that rule out the paged engine: it needs the whole model on one device,
+    so a split model is not for it, nor one that bitsandbytes quantized (CUDA int8)."""
     blockers = []
-    if args.load_8bit:
-        blockers.append("--load-8bit")
+    if low_bit(args) == "sym_int8" and args.device == "cuda":
+        blockers.append("--load-8bit / --low-bit sym_int8 on CUDA (bitsandbytes)")
     if args.num_gpus > 1:
         blockers.append(f"--num-gpus {args.num_gpus}")
     if args.max_gpu_memory:
@@ -205,7 +223,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
             dtype=args.dtype,
             num_gpus=args.num_gpus,
             max_gpu_memory=args.max_gpu_memory,
-            load_8bit=args.load_8bit,
+            low_bit=low_bit(args),
             trust_remote_code=args.trust_remote_code,
         )
     )
@@ -245,6 +263,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     else:
         engine = HFEngine(model, tokenizer)
     engine.sampling_defaults = generation_defaults(model)
+    engine.weights = getattr(model, "low_bit", None) or str(model.dtype).removeprefix("torch.")
     log.info("sampling defaults from the model's generation_config: %s", engine.sampling_defaults)
     return engine
 

@@ -85,6 +85,7 @@ class Worker:
             pid=os.getpid(),
             max_context=engine.max_context,
             engine=engine.name,
+            weights=engine.weights,
         )
 
     async def run(self) -> None:

@@ -21,6 +21,8 @@ def model_object(name: str, workers: list[WorkerInfo]) -> dict[str, Any]:
         "owned_by": "tokenrelay",
         "max_model_len": max(w.max_context for w in workers),
         "workers": len(workers),
+        # each worker's weight format (--low-bit, or its dtype), as its heartbeat says
+        "weights": sorted({w.weights for w in workers if w.weights}),
     }
 
 

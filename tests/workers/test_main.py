@@ -15,7 +15,7 @@ def worker_args(*argv: str) -> argparse.Namespace:
 
 
 SPREAD_OR_QUANTIZED = [
-    ("--load-8bit",),
+    ("--load-8bit", "--device", "cuda"),  # bitsandbytes, through the hf engine
     ("--num-gpus", "2"),
     ("--max-gpu-memory", "20GiB"),
     ("--num-gpus", "4", "--max-gpu-memory", "20GiB"),

@@ -26,12 +26,21 @@ class FusedProjection:
     """The concatenated weight of a group, and the last product while its parts read it."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, sizes: list[int]) -> None:
-        self.weight = weight
+        self.weight: Tensor | None = weight
         self.bias = bias
         self.offsets = [0]
         for size in sizes:
             self.offsets.append(self.offsets[-1] + size)
         self.state: dict[str, Tensor | None] = {"input": None, "output": None}
+        # the group's product when its weight is stored another way (a quantized Linear,
+        # lowbit/apply.py); the float weight is then gone
+        self.op: nn.Module | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.op is not None:
+            return self.op(x)  # type: ignore[no-any-return]
+        assert self.weight is not None
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class ProjectionPart(nn.Module):
@@ -44,6 +53,7 @@ class ProjectionPart(nn.Module):
         self.index = index
         self.begin, self.end = begin, end
         self.last = index == len(group.offsets) - 2
+        assert group.weight is not None
         self.in_features = group.weight.shape[1]
         self.out_features = end - begin
         self.weight = nn.Parameter(group.weight[begin:end], requires_grad=False)
@@ -54,8 +64,10 @@ class ProjectionPart(nn.Module):
         group, state = self.group, self.group.state
         if self.index == 0:
             state["input"] = x
-            state["output"] = nn.functional.linear(x, group.weight, group.bias)
+            state["output"] = group(x)
         elif state["input"] is not x:
+            if self.weight is None:  # quantized: the group's product, our columns of it
+                return group(x)[..., self.begin : self.end]
             return nn.functional.linear(x, self.weight, self.bias)
         out = state["output"]
         assert out is not None
