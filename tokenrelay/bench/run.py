@@ -72,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes the HTTP load comes from (one process's event loop "
         "can be slower than the server)",
     )
+    parser.add_argument(
+        "--low-bit",
+        help="the worker's --low-bit (stack mode) and the model's format (engine mode), e.g. "
+        "sym_int4; the run's label says it",
+    )
     parser.add_argument("--label", help="name of this run in the table (default: model path)")
     parser.add_argument(
         "--out",
@@ -97,8 +102,9 @@ def run(args: argparse.Namespace) -> None:
         for c in levels:
             rows.append(_measure_http(url, model, served, c, args, "http"))
             rows[-1]["model"] = args.label or model  # what it measured, not --model-path
+    label = args.label or args.model_path + (f" --low-bit {args.low_bit}" if args.low_bit else "")
     for row in rows:
-        row.setdefault("model", args.label or args.model_path)
+        row.setdefault("model", label)
     out = Path(args.out)
     out.write_text(json.dumps(rows, indent=2))
     out.with_suffix(".md").write_text(markdown(rows) + "\n")
@@ -154,7 +160,9 @@ def _in_process(
     from tokenrelay.workers.generate_engine import GenerateEngine
     from tokenrelay.workers.loader import LoadOptions, load
 
-    model, tokenizer = load(LoadOptions(model_path=args.model_path, device=args.device))
+    model, tokenizer = load(
+        LoadOptions(model_path=args.model_path, device=args.device, low_bit=args.low_bit)
+    )
     roofline = _roofline(model, workload, args.device)
     rows = []
     if "baseline" in modes:
@@ -232,6 +240,7 @@ def _stack(args: argparse.Namespace, levels: list[int], workload) -> list[dict[s
                 "bench",
                 "--device",
                 args.device,
+                *(["--low-bit", args.low_bit] if args.low_bit else []),
                 *common,
             )
         ),
