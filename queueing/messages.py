@@ -1,14 +1,28 @@
 """The typed messages that cross Redis: jobs (API -> worker) and chunks (worker -> API).
 
-Every message carries a protocol version ``v``; a reader rejects versions it does not know
-instead of guessing. Messages are JSON, never pickle.
+Every message carries a protocol version ``v``; a reader refuses a version newer than its
+own instead of guessing. Messages are JSON, never pickle.
+
+Rolling upgrades: a reader ignores fields it does not know, so one release's worker reads
+the next release's jobs, and an API the next worker's chunks; ``v`` is bumped only for a
+change an older reader would get wrong. A new field that changes the output is named in
+the job's ``needs`` as well, and a worker that does not know a name there refuses the job
+(with an error the client sees) rather than ignore what the client asked for. Upgrade the
+workers first, then the API (README, "Upgrading").
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -18,9 +32,19 @@ MODEL_DEFAULTED = ("temperature", "top_p", "top_k")
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: int = PROTOCOL_VERSION
+
+    @field_validator("v")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > PROTOCOL_VERSION:
+            raise ValueError(
+                f"protocol version {v} is newer than this release's ({PROTOCOL_VERSION}): "
+                "upgrade this process"
+            )
+        return v
 
 
 class SamplingParams(BaseModel):
@@ -34,7 +58,7 @@ class SamplingParams(BaseModel):
     field, so a newer worker honours them all.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # see the module's note on upgrades
 
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -71,6 +95,17 @@ class Job(Message):
     created: int
     deadline: float  # unix seconds; a worker drops the job after this
     request_id: str = ""  # for logs: the client's X-Request-ID, else ``id``
+    # fields of this job that change its output and that a worker must know to run it:
+    # names a later release adds (this one's are all in KNOWN_NEEDS)
+    needs: list[str] = Field(default_factory=list)
+
+    def unknown_needs(self) -> list[str]:
+        return [n for n in self.needs if n not in KNOWN_NEEDS]
+
+
+# what this release's workers honour: every sampling field (a later release's API lists a
+# new one in ``Job.needs`` when a request sets it)
+KNOWN_NEEDS = frozenset(SamplingParams.model_fields)
 
 
 class ChoiceDelta(BaseModel):

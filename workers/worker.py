@@ -32,6 +32,7 @@ from tokenrelay.queueing.registry import Registry, WorkerInfo
 
 from .engine import Engine, EngineEvent, InvalidRequest
 from .lanes import LaneReader
+from .refusals import refuse_unknown_needs, refuse_unreadable
 from .sampling import with_defaults
 from .throughput import Throughput
 
@@ -216,8 +217,10 @@ class Worker:
         try:
             job = Job.model_validate_json(delivery.payload)
         except ValidationError as exc:
-            log.error("dead-lettering malformed job %s: %s", delivery.entry_id, exc)
-            await self.consumer.dead_letter(delivery, f"malformed job: {exc}")
+            await refuse_unreadable(self.redis, self.keys, self.consumer, delivery, exc)
+            return
+        if job.unknown_needs():
+            await refuse_unknown_needs(self.redis, self.keys, self.consumer, job, delivery)
             return
         job.params = with_defaults(job.params, self.engine.sampling_defaults)
         self.jobs[delivery.key] = job
