@@ -19,6 +19,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from rq import Worker
 
 from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import EmbeddedRedis
@@ -185,12 +186,28 @@ def test_a_short_window_ends_expired_with_partial_output(
         short.stop()
 
 
-def _kill_with_its_horse(proc: Process) -> None:
+def _kill_with_its_horse(proc: Process, stack: Stack) -> None:
     """SIGKILL a batch worker and its work horse (in its own process group), as a lost
     machine or the OOM killer would."""
     for child in psutil.Process(proc.popen.pid).children(recursive=True):
         child.kill()
     proc.kill()
+    _unregister(stack, proc)
+
+
+def _unregister(stack: Stack, proc: Process) -> None:
+    """Drop a killed batch worker from RQ's worker registry now. RQ keeps a worker that died
+    without its clean exit registered until its key expires (its heartbeat TTL plus a
+    minute), so later tests counting batch workers would count it too."""
+    settings = RedisSettings(url=stack.redis_url, prefix=stack.prefix)
+    connection = batch_queue.sync_connect(settings)
+    try:
+        queue = batch_queue.batch_queue(connection, settings.keys)
+        for worker in Worker.all(queue=queue):
+            if worker.pid == proc.popen.pid:
+                worker.register_death()
+    finally:
+        connection.close()
 
 
 def test_a_batch_worker_killed_mid_batch_is_resumed_without_loss_or_duplicates(
@@ -200,7 +217,7 @@ def test_a_batch_worker_killed_mid_batch_is_resumed_without_loss_or_duplicates(
     created = start(client, lines)
     wait_for(client, created.id, lambda b: b.request_counts and b.request_counts.completed >= 5)
     (worker,) = [p for p in batch_stack.processes if p.name == "batch-worker" and p.alive()]
-    _kill_with_its_horse(worker)
+    _kill_with_its_horse(worker, batch_stack)
     assert client.batches.retrieve(created.id).status == "in_progress"
     batch_stack.batch_worker()  # as serve's supervisor or compose's restart would
 
@@ -210,6 +227,31 @@ def test_a_batch_worker_killed_mid_batch_is_resumed_without_loss_or_duplicates(
     assert sorted(answers) == sorted(f"l{i}" for i in range(40))  # each exactly once
     assert batch.error_file_id is None
     assert batch.request_counts is not None and batch.request_counts.completed == 40
+
+
+def test_a_batch_worker_killed_alone_takes_its_horse_and_the_batch_resumes(
+    client: openai.OpenAI, batch_stack: Stack
+) -> None:
+    """`kill -9` of the batch worker only (what a user or serve's supervisor sees): its work
+    horse, in its own process group, used to run the batch on, unsupervised, past the serve
+    that started the worker. It dies with the worker now, and the batch resumes as any."""
+    # lines of a second each, six at a time: the batch has seconds left after the kill
+    lines = [chat_line(f"h{i}", "fake", f"q{i}", max_tokens=50) for i in range(40)]
+    created = start(client, lines)
+    wait_for(client, created.id, lambda b: b.request_counts and b.request_counts.completed >= 5)
+    (worker,) = [p for p in batch_stack.processes if p.name == "batch-worker" and p.alive()]
+    horses = psutil.Process(worker.popen.pid).children(recursive=True)
+    assert horses, "the batch worker has no work horse running the batch"
+    worker.kill()
+    _, alive = psutil.wait_procs(horses, timeout=3)
+    assert not alive, f"the work horse outlived its batch worker: {alive}"
+    _unregister(batch_stack, worker)
+    batch_stack.batch_worker()
+
+    batch = wait_for(client, created.id, timeout=60)
+    assert batch.status == "completed", batch
+    answers = [x["custom_id"] for x in lines_of(client, batch.output_file_id)]
+    assert sorted(answers) == sorted(f"h{i}" for i in range(40))  # each exactly once
 
 
 def test_batch_routes_need_the_api_key(batch_stack: Stack) -> None:

@@ -6,12 +6,20 @@ RQ's defaults make a lost batch come back in seconds rather than minutes: the jo
 heartbeat lasts three ``--batch-heartbeat-interval``s (RQ adds a minute), and an idle worker
 looks for lost jobs every ``--batch-maintenance-interval``. A stopping worker (SIGTERM) stops its
 batch at once, rather than after the batch's hours: RQ queues it again and it resumes
-wherever a batch worker runs, from the progress kept in Redis.
+wherever a batch worker runs, from the progress kept in Redis. A work horse dies with its
+worker (on Linux): a worker SIGKILLed (or OOM-killed) would otherwise leave its horse running
+the batch on, unsupervised and in its own process group, past the `tokenrelay serve` that
+started the worker; as it is, the batch resumes on the next worker like any lost batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
 from typing import Any
 
 from rq import Worker
@@ -51,8 +59,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a forked child: be SIGKILLed when the parent dies, or exit now if it already has.
+    Linux only (prctl); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:  # it died between the fork and the prctl
+        os._exit(1)
+
+
 class BatchWorker(Worker):
-    """RQ's forking worker, with a short job heartbeat and an immediate stop."""
+    """RQ's forking worker, with a short job heartbeat, an immediate stop, and a work horse
+    that dies with it."""
+
+    def fork_work_horse(self, job: Any, queue: Any) -> None:
+        self._worker_pid = os.getpid()
+        super().fork_work_horse(job, queue)
+
+    def main_work_horse(self, job: Any, queue: Any) -> None:
+        die_with_parent(self._worker_pid)
+        super().main_work_horse(job, queue)
 
     def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
         return int(self.job_monitoring_interval) * 3
