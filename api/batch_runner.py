@@ -180,6 +180,9 @@ class BatchRunner:
         if data is None:
             message = f"The input file {batch.input_file_id} was deleted or has expired."
             errors = [LineError(code="file_not_found", message=message, param="input_file_id")]
+            if batch.status != "validating":  # a resumed run: keep what was answered
+                await self._fail_keeping_answers(batch, errors)
+                return None
         else:
             lines, errors = parse(data, batch.endpoint)
             if not errors:
@@ -190,6 +193,33 @@ class BatchRunner:
         if moved:
             log.warning("batch %s failed validation: %s", batch.id, errors[0].message)
         return None
+
+    async def _fail_keeping_answers(self, batch: Batch, errors: list[LineError]) -> None:
+        """The input file went away while the batch ran (deleted, or expired) and a run
+        that died is being resumed: the lines answered so far still make the output and
+        error files, and the batch fails with the reason (no answer is dropped)."""
+        recorded = await self.store.recorded(batch.id)
+        answers = [r.text for r in recorded if r.ok]
+        failures = [r.text for r in recorded if not r.ok]
+        output_id = await self._write(batch, "output", answers)
+        error_id = await self._write(batch, "error", failures)
+        moved, _ = await self.store.move(
+            batch.id,
+            ("in_progress", "cancelling"),
+            "failed",
+            errors=errors,
+            output_file_id=output_id,
+            error_file_id=error_id,
+            completed=len(answers),
+            failed=(batch.total or len(recorded)) - len(answers),
+        )
+        if moved:
+            log.warning(
+                "batch %s failed: its input file is gone; %d answered lines kept in %s",
+                batch.id,
+                len(answers),
+                output_id,
+            )
 
     async def _read(self, file_id: str) -> bytes | None:
         info = await self.files.get(file_id)

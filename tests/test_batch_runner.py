@@ -91,3 +91,23 @@ async def test_a_batch_whose_window_ended_before_it_ran_expires_without_queueing
     assert await _lane_is_empty(batches.redis, redis_settings)
     # an ended batch's job, run again (a retry RQ had queued), does nothing
     assert await _run(RunnerSettings(redis_settings), batch.id) == "expired"
+
+
+async def test_a_resumed_batch_whose_input_file_is_gone_fails_keeping_its_answers(
+    stores: tuple[BatchStore, FileStore], redis_settings: RedisSettings
+) -> None:
+    """Bug: a runner resuming a dead one's batch whose input file had been deleted failed
+    the batch with no output file, losing the lines already answered."""
+    batches, files = stores
+    batch = await _batch(stores, 3600)
+    await batches.move(batch.id, ("validating",), "in_progress", total=3, model="some-model")
+    answer = json.dumps({"id": "batch_req_0", "custom_id": "c0", "response": {"status_code": 200}})
+    await batches.record(batch.id, 0, answer, True, (5, 7))
+    assert await files.delete(batch.input_file_id)
+
+    assert await _run(RunnerSettings(redis_settings), batch.id) == "failed"
+    ended = await batches.get(batch.id)
+    assert ended is not None and ended.failed_at
+    assert ended.errors and ended.errors[0].code == "file_not_found"
+    assert (ended.completed, ended.failed) == (1, 2)
+    assert [x["custom_id"] for x in await _errors(files, ended.output_file_id)] == ["c0"]
