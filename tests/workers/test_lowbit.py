@@ -13,7 +13,7 @@ import torch
 
 from tokenrelay.workers.lowbit.apply import quantize_model, weight_bytes
 from tokenrelay.workers.lowbit.formats import FORMATS, check_format, supported
-from tokenrelay.workers.lowbit.linear import quantize_weight
+from tokenrelay.workers.lowbit.linear import DEQUANTIZE_ROWS, quantize_weight, unpack_int4
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "public_domain.txt"
 
@@ -38,6 +38,24 @@ def test_the_kernel_multiplies_by_the_stored_weights(name: str) -> None:
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     error = (linear.qweight.dequantize() - w).abs().max() / w.abs().max()
     assert error < (0.01 if name == "sym_int8" else 0.15)
+
+
+@pytest.mark.parametrize("name", ["sym_int8", "sym_int4", "asym_int4"])
+def test_a_prefill_through_the_dequantized_weight_gives_the_kernel_product(name: str) -> None:
+    """From DEQUANTIZE_ROWS rows a product dequantizes the weight and runs a float GEMM
+    (the kernels are slow there); both paths give the same product."""
+    torch.manual_seed(1)
+    linear = quantize_weight(torch.randn(96, 128), name)
+    x = torch.randn(DEQUANTIZE_ROWS + 6, 128)
+    by_kernel = torch.cat([linear(x[i : i + 8]) for i in range(0, len(x), 8)])
+    scale = by_kernel.abs().max().item()
+    torch.testing.assert_close(linear(x), by_kernel, rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_int4_values_unpack_from_torch_s_cpu_layout() -> None:
+    q = torch.randint(0, 16, (96, 128), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(unpack_int4(packed, 96, 128), q)
 
 
 def test_a_format_without_a_kernel_names_the_ones_there_are() -> None:

@@ -9,11 +9,14 @@ is cast to bfloat16 for the product and the output back.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from .formats import FORMATS, LowBit
 
+DEQUANTIZE_ROWS = 64  # rows from which a product dequantizes the weight first (prefill)
 COMPUTE = torch.bfloat16  # the activations' dtype inside the CPU kernels
 
 
@@ -98,8 +101,46 @@ class Int4Weight:
     def dequantize(self) -> Tensor:
         n = self.packed.shape[0]
         k = self.scales_zeros.shape[0] * self.group
-        eye = torch.eye(k, dtype=COMPUTE)
-        return self.matmul(eye).float().T.contiguous().view(n, k)
+        q = unpack_int4(self.packed, n, k)
+        if q is None:  # a layout this torch build packs differently: through the kernel
+            eye = torch.eye(k, dtype=COMPUTE)
+            return self.matmul(eye).float().T.contiguous().view(n, k)
+        scale, zero = self.scales_zeros.float().unbind(-1)  # (K / group, N) each
+        groups = q.view(n, k // self.group, self.group).float() - 8
+        w = groups * scale.T[..., None] + zero.T[..., None]
+        return w.view(n, k)
+
+
+@functools.cache
+def _int4_block() -> int | None:
+    """Rows a block of torch's CPU int4 layout interleaves (it depends on the CPU's vector
+    width): found by packing a probe and checking each candidate's layout against it."""
+    n, k = 128, 64
+    probe = torch.arange(n * k, dtype=torch.int32).view(n, k) % 16
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (16, 32, 64, 128):
+        got = _unpack(packed, n, k, block)
+        if got is not None and torch.equal(got, probe):
+            return block
+    return None
+
+
+def _unpack(packed: Tensor, n: int, k: int, block: int) -> Tensor | None:
+    """Inverse of the CPU packing: block rows j and j + block / 2 share a byte (low and
+    high nibble), K-major within a block of rows."""
+    if n % block:
+        return None
+    half = block // 2
+    raw = packed.reshape(n // block, k, half)  # (blocks, K, half) bytes
+    low, high = raw & 15, raw >> 4
+    rows = torch.cat([low, high], dim=2)  # (blocks, K, block): row r of the block at [.., r]
+    return rows.permute(0, 2, 1).reshape(n, k).to(torch.int32)
+
+
+def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor | None:
+    """(N, K) values 0..15 of a packed weight, or None for a layout not recognised."""
+    block = _int4_block()
+    return None if block is None else _unpack(packed, n, k, block)
 
 
 class DenseWeight:
@@ -157,9 +198,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        kernel_dtype = (
-            COMPUTE if not isinstance(self.qweight, DenseWeight) else self.qweight.w.dtype
-        )
+        dense = isinstance(self.qweight, DenseWeight)
+        if flat.shape[0] >= DEQUANTIZE_ROWS and not dense:
+            # a prefill: the low-bit kernels are slow at many rows (they dequantize per
+            # tile and multiply in bfloat16); the weight dequantized once and a float
+            # GEMM are faster there
+            w = self.qweight.dequantize().to(x.dtype)
+            return nn.functional.linear(x, w, self.bias)
+        kernel_dtype = self.qweight.w.dtype if dense else COMPUTE  # type: ignore[union-attr]
         out = self.qweight.matmul(flat.to(kernel_dtype)).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
