@@ -123,15 +123,15 @@ def _quantize(model: Any, fmt: Any, model_path: str) -> None:
 
     if model_path.endswith(".gguf"):
         # transformers dequantizes a GGUF's tensors as it loads them; say what they were
+        kinds = describe(model_path)
+        exact = fmt.name == "asym_int4" and "Q4_1" in kinds
         log.info(
             "%s holds %s weights; transformers dequantized them on load, and they are "
             "re-quantized to %s now%s",
             Path(model_path).name,
-            describe(model_path),
+            kinds,
             fmt.name,
-            " (Q4_1's grid: exact)"
-            if fmt.name == "asym_int4" and "Q4_1" in describe(model_path)
-            else "",
+            " (Q4_1's grid: exact)" if exact else "",
         )
     quantize_model(model, fmt)
 

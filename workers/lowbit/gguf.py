@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 
 
-@functools.cache
 def describe(path: str) -> str:
     """e.g. ``Q4_1 (211 tensors), Q6_K (1), F32 (61)``; ``unknown types`` without the
     gguf package."""

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import attention
 from .blocks import cache_row
+from .cache import KVCache
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
 
@@ -39,27 +40,14 @@ class DecodeGraph:
     logits: Tensor
 
     @classmethod
-    def buffers(cls, rows: int, max_blocks: int, max_len: int, cache: object) -> DecodeGraph:
-        dev = cache.device  # type: ignore[attr-defined]
+    def buffers(cls, rows: int, max_blocks: int, max_len: int, cache: KVCache) -> DecodeGraph:
+        dev = cache.device
+        query_start = torch.arange(rows + 1, dtype=torch.int32, device=dev)
         return cls(
             graph=_new_graph(dev),
             tokens=torch.zeros(rows, dtype=torch.long, device=dev),
             positions=torch.zeros(rows, dtype=torch.long, device=dev),
-            paged=attention.PagedBatch(
-                slot_mapping=torch.full(
-                    (rows,),
-                    cache.scratch_slot,  # type: ignore[attr-defined]
-                    dtype=torch.long,
-                    device=dev,
-                ),
-                block_tables=torch.zeros(rows, max_blocks, dtype=torch.int32, device=dev),
-                seq_lens=torch.zeros(rows, dtype=torch.int32, device=dev),
-                query_start=torch.arange(rows + 1, dtype=torch.int32, device=dev),
-                max_query_len=1,
-                max_seq_len=max_len,
-                caches=cache.layers,  # type: ignore[attr-defined]
-                use_triton=dev.type == "cuda",
-            ),
+            paged=_static_batch(rows, rows, query_start, 1, max_blocks, max_len, cache),
             keep=torch.arange(rows, device=dev),
             logits=None,  # type: ignore[arg-type]
         )
@@ -113,31 +101,18 @@ class PrefillGraph:
 
     @classmethod
     def buffers(
-        cls, tokens: int, seqs: int, max_blocks: int, max_len: int, cache: object
+        cls, tokens: int, seqs: int, max_blocks: int, max_len: int, cache: KVCache
     ) -> PrefillGraph:
-        dev = cache.device  # type: ignore[attr-defined]
+        dev = cache.device
+        # the first sequence owns every token, at length 0: it sees nothing
+        query_start = torch.full((seqs + 1,), tokens, dtype=torch.int32, device=dev)
+        query_start[0] = 0
         return cls(
             graph=_new_graph(dev),
             ids=torch.zeros(tokens, dtype=torch.long, device=dev),
             positions=torch.zeros(tokens, dtype=torch.long, device=dev),
-            paged=attention.PagedBatch(
-                slot_mapping=torch.full(
-                    (tokens,),
-                    cache.scratch_slot,  # type: ignore[attr-defined]
-                    dtype=torch.long,
-                    device=dev,
-                ),
-                block_tables=torch.zeros(seqs, max_blocks, dtype=torch.int32, device=dev),
-                seq_lens=torch.zeros(seqs, dtype=torch.int32, device=dev),
-                # the first sequence owns every token, at length 0: it sees nothing
-                query_start=torch.full(
-                    (seqs + 1,), tokens, dtype=torch.int32, device=dev
-                ).index_fill_(0, torch.tensor([0], device=dev), 0),
-                max_query_len=tokens,  # an upper bound is all the kernel needs
-                max_seq_len=max_len,
-                caches=cache.layers,  # type: ignore[attr-defined]
-                use_triton=dev.type == "cuda",
-            ),
+            # an upper bound of the query lengths is all the kernel needs
+            paged=_static_batch(tokens, seqs, query_start, tokens, max_blocks, max_len, cache),
             keep=torch.zeros(seqs, dtype=torch.long, device=dev),
             logits=None,  # type: ignore[arg-type]
         )
@@ -185,6 +160,30 @@ class PrefillGraph:
         self.paged.query_start.copy_(dev[at + cap : at + 2 * cap + 1])
         self.keep.copy_(dev[at + 2 * cap + 1 : at + 3 * cap + 1])
         self.paged.block_tables[:, :width].copy_(dev[at + 3 * cap + 1 :].view(cap, width))
+
+
+def _static_batch(
+    tokens: int,
+    seqs: int,
+    query_start: Tensor,
+    max_query_len: int,
+    max_blocks: int,
+    max_len: int,
+    cache: KVCache,
+) -> attention.PagedBatch:
+    """A graph's PagedBatch buffers: every token's k/v to the scratch row, every sequence
+    of length 0, until ``fill`` writes a step's inputs."""
+    dev = cache.device
+    return attention.PagedBatch(
+        slot_mapping=torch.full((tokens,), cache.scratch_slot, dtype=torch.long, device=dev),
+        block_tables=torch.zeros(seqs, max_blocks, dtype=torch.int32, device=dev),
+        seq_lens=torch.zeros(seqs, dtype=torch.int32, device=dev),
+        query_start=query_start,
+        max_query_len=max_query_len,
+        max_seq_len=max_len,
+        caches=cache.layers,
+        use_triton=dev.type == "cuda",
+    )
 
 
 def _new_graph(device: torch.device) -> torch.cuda.CUDAGraph:
