@@ -59,6 +59,10 @@ class Keys:
     def enqueued(self, model: str, request_id: str) -> str:
         return f"{self._model(model)}:enq:{request_id}"
 
+    # a worker's tokenizer files (queueing/tokenizers.py), named by their digest
+    def tokenizer(self, model: str, digest: str) -> str:
+        return f"{self._model(model)}:tokenizer:{digest}"
+
     # files (Files API): a file's keys share the hash tag {f:ID}; the index is one sorted set
     def file_meta(self, file_id: str) -> str:
         return f"{self.prefix}:{{f:{file_id}}}:meta"

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
 from .keys import Keys
+from .tokenizers import TOKENIZER_TTL
 
 KNOWN_MODEL_TTL = 7 * 24 * 3600
 
@@ -32,6 +33,7 @@ class WorkerInfo(BaseModel):
     last_heartbeat: float = 0.0  # unix seconds, set by each heartbeat
     tokens_per_s: float = 0.0  # completion tokens per second over the last few seconds
     tokens_total: int = 0  # completion tokens generated since the worker started
+    tokenizer: str = ""  # digest of the tokenizer files it published (queueing/tokenizers.py)
 
 
 class Registry:
@@ -49,6 +51,8 @@ class Registry:
         for model in info.models:
             pipe.set(self.keys.alive(model, info.id), 1, px=ms)
             pipe.zadd(self.keys.known_models, {model: now})
+            if info.tokenizer:  # kept while a worker that uses it lives
+                pipe.expire(self.keys.tokenizer(model, info.tokenizer), TOKENIZER_TTL)
         await pipe.execute()
 
     async def deregister(self, info: WorkerInfo) -> None:

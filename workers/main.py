@@ -9,7 +9,10 @@ import logging
 import signal
 import sys
 
+import redis.asyncio as aioredis
+
 from tokenrelay import runtime
+from tokenrelay.queueing import tokenizers
 from tokenrelay.queueing.connection import RedisSettings, connect
 
 from .engine import Engine
@@ -302,6 +305,21 @@ def run(args: argparse.Namespace) -> None:
         engine.close()
 
 
+async def _publish_tokenizer(
+    redis: aioredis.Redis, settings: RedisSettings, engine: Engine, models: list[str]
+) -> str:
+    """The engine's tokenizer into Redis for the API's /tokenize; '' when there is none
+    (the fake engine) or it cannot be saved, which leaves generation as it is."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        return ""
+    try:
+        return await tokenizers.publish(redis, settings.keys, models, tokenizer)
+    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+        log.warning("tokenizer not published, /tokenize will refuse this model: %s", exc)
+        return ""
+
+
 async def _serve(settings: RedisSettings, engine: Engine, options: WorkerOptions) -> None:
     redis = connect(settings)
     try:
@@ -312,6 +330,7 @@ async def _serve(settings: RedisSettings, engine: Engine, options: WorkerOptions
             "pass --redis-url (or run `tokenrelay serve`, which starts its own)."
         ) from exc
     worker = Worker(redis, settings.keys, engine, options)
+    worker.info.tokenizer = await _publish_tokenizer(redis, settings, engine, options.models)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
