@@ -6,14 +6,25 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tokenrelay.queueing.messages import ChatMessage, Job, SamplingParams
+
+from .refused import CHAT, COMPLETION, refusing
 
 MAX_N = 16
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on the tokens one request biases
 
 
 def not_supported(what: str) -> PydanticCustomError:
@@ -70,7 +81,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+    # unknown fields are accepted and ignored; those that would change the output are
+    # declared (refused.py) and refused unless at their do-nothing value
+    model_config = ConfigDict(extra="allow")
 
     model: Annotated[str, Field(min_length=1)]
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -84,6 +97,38 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        """OpenAI's rules: keys are token ids (the worker checks them against its
+        vocabulary), biases from -100 to 100, at most 300 of them."""
+        for key, bias in (v or {}).items():
+            if not (key.isdecimal() and key.isascii()):
+                raise PydanticCustomError(
+                    "invalid_value",
+                    f"Invalid key in 'logit_bias': {key[:40]}. You should only be submitting "
+                    "non-negative integers (token ids).",
+                )
+            if not -100 <= bias <= 100:
+                raise PydanticCustomError(
+                    "invalid_value",
+                    f"Invalid value in 'logit_bias' for token {key}: {bias}. A bias must be "
+                    "between -100 and 100.",
+                )
+        if v and len(v) > MAX_LOGIT_BIAS:
+            raise PydanticCustomError(
+                "invalid_value",
+                f"'logit_bias' has {len(v)} tokens; at most {MAX_LOGIT_BIAS} are allowed.",
+            )
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -118,8 +163,17 @@ class _Common(BaseModel):
             given["top_p"] = self.top_p
         if self.top_k is not None:
             given["top_k"] = max(0, self.top_k)  # -1 (vLLM) and 0 both mean no top-k filter
+        extras: dict[str, object] = {
+            name: getattr(self, name)
+            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
+            if getattr(self, name) is not None
+        }
+        extras["logit_bias"] = {int(k): b for k, b in (self.logit_bias or {}).items()}
+        extras["min_tokens"] = self.min_tokens or 0
+        extras["include_stop_str_in_output"] = bool(self.include_stop_str_in_output)
         return SamplingParams(
             **given,  # type: ignore[arg-type]
+            **extras,  # type: ignore[arg-type]
             seed=self.seed,
             max_tokens=max_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
@@ -138,11 +192,13 @@ class _Common(BaseModel):
     ) -> Job:
         now = time.time()
         job_id = f"{prefix}-{uuid.uuid4().hex}"
+        params = self.sampling(max_tokens)
         return Job(
             id=job_id,
             request_id=request_id or job_id,
             model=self.model,
-            params=self.sampling(max_tokens),
+            params=params,
+            needs=params.given_extras,  # an older worker refuses what it would ignore
             stream=self.stream,
             created=int(now),
             deadline=now + timeout,
@@ -150,7 +206,17 @@ class _Common(BaseModel):
         )
 
 
-class ChatCompletionRequest(_Common):
+def _check_min_tokens(min_tokens: int | None, max_tokens: int | None) -> None:
+    """min_tokens over max_tokens is a 400 (vLLM's), on the min_tokens field."""
+    if min_tokens and max_tokens is not None and min_tokens > max_tokens:
+        error = PydanticCustomError(
+            "invalid_value", f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})"
+        )
+        details = InitErrorDetails(type=error, loc=("min_tokens",), input=min_tokens)
+        raise ValidationError.from_exception_data("request", [details])
+
+
+class ChatCompletionRequest(_Common, refusing("_ChatRefused", CHAT)):  # type: ignore[misc]
     messages: Annotated[list[Message], Field(min_length=1, max_length=1024)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -164,6 +230,11 @@ class ChatCompletionRequest(_Common):
             raise not_supported(f"{info.field_name}={str(v).lower()} (log probabilities)")
         return v
 
+    @model_validator(mode="after")
+    def _min_tokens(self) -> ChatCompletionRequest:
+        _check_min_tokens(self.min_tokens, self.max_completion_tokens or self.max_tokens)
+        return self
+
     def to_job(self, timeout: float, request_id: str = "") -> Job:
         messages = [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
         return self._job(
@@ -176,7 +247,7 @@ class ChatCompletionRequest(_Common):
         )
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(_Common, refusing("_CompletionRefused", COMPLETION)):  # type: ignore[misc]
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
@@ -217,6 +288,11 @@ class CompletionRequest(_Common):
         if v is not None and v is not False:  # logprobs=0 still asks for the chosen token's
             raise not_supported(f"logprobs={str(v).lower()} (log probabilities)")
         return v
+
+    @model_validator(mode="after")
+    def _min_tokens(self) -> CompletionRequest:
+        _check_min_tokens(self.min_tokens, self.max_tokens)
+        return self
 
     def to_job(self, timeout: float, request_id: str = "") -> Job:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -69,6 +69,25 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     n: int = Field(1, ge=1)
     ignore_eos: bool = False
+    # output-changing extras (workers/penalties.py); at these defaults they change nothing,
+    # and a request that sets one names it in ``Job.needs`` (``PENALTY_FIELDS``)
+    presence_penalty: float = 0.0  # OpenAI: - penalty x [count > 0] of generated tokens
+    frequency_penalty: float = 0.0  # OpenAI: - penalty x count of generated tokens
+    repetition_penalty: float = Field(1.0, gt=0.0)  # HF/vLLM: over prompt + generated
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to logits
+    min_tokens: int = Field(0, ge=0)  # stop ids and EOS masked (stop strings unchecked) until
+    include_stop_str_in_output: bool = False
+
+    def neutral(self, name: str) -> bool:
+        """Whether field ``name`` is at its do-nothing default."""
+        default = type(self).model_fields[name].get_default(call_default_factory=True)
+        return bool(getattr(self, name) == default)
+
+    @property
+    def given_extras(self) -> list[str]:
+        """The extras this job sets: a worker that does not know one must refuse it."""
+        return [name for name in EXTRA_FIELDS if not self.neutral(name)]
 
     @model_serializer(mode="wrap")
     def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -102,6 +121,16 @@ class Job(Message):
     def unknown_needs(self) -> list[str]:
         return [n for n in self.needs if n not in KNOWN_NEEDS]
 
+
+EXTRA_FIELDS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "logit_bias",
+    "min_tokens",
+    "include_stop_str_in_output",
+)
 
 # what this release's workers honour: every sampling field (a later release's API lists a
 # new one in ``Job.needs`` when a request sets it)

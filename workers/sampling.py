@@ -1,16 +1,19 @@
-"""Per-request sampling: temperature, top-k, top-p and a seeded generator; and the model's
-defaults for the sampling fields a request leaves out."""
+"""Per-request sampling: the request's logit adjustments (penalties.py), temperature,
+min-p, top-k, top-p and a seeded generator; and the model's defaults for the sampling
+fields a request leaves out."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from tokenrelay.queueing.messages import MODEL_DEFAULTED, SamplingParams
+
+from .penalties import LogitAdjuster, TokenHistory
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
 ) -> torch.Tensor:
-    """Next token ids for a (rows, vocab) logits tensor; temperature 0 is greedy."""
+    """Next token ids for a (rows, vocab) logits tensor (already adjusted, penalties.py);
+    temperature 0 is greedy."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
+    if params.min_p > 0:
+        logits = _min_p(logits, torch.tensor(params.min_p))
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -77,9 +83,15 @@ def sample_rows(
     params: list[SamplingParams | None],
     generators: list[torch.Generator | None],
     shared: torch.Generator,
+    history: TokenHistory | None = None,
+    rows: list[int | None] | None = None,
+    stop_ids: list[Collection[int] | None] | None = None,
 ) -> torch.Tensor:
     """Sample one token per row of (rows, vocab) logits; see ``BatchSampler``."""
-    return BatchSampler(params, generators, shared, logits.device)(logits)
+    sampler = BatchSampler(
+        params, generators, shared, logits.device, history=history, rows=rows, stop_ids=stop_ids
+    )
+    return sampler(logits)
 
 
 class BatchSampler:
@@ -90,6 +102,9 @@ class BatchSampler:
     its own generator (a request with a seed) draws its own E, so its tokens do not depend on
     what else is in the batch. The per-row parameters go to the device once, so a run of
     decode steps over the same rows pays for them once.
+
+    A row's logit adjustments (penalties.py) come first: ``rows`` are the rows' places in
+    ``history`` (None: not tracked) and ``stop_ids`` the ids ``min_tokens`` holds back.
     """
 
     def __init__(
@@ -100,7 +115,11 @@ class BatchSampler:
         device: torch.device,
         *,
         host: bool | None = None,
+        history: TokenHistory | None = None,
+        rows: list[int | None] | None = None,
+        stop_ids: list[Collection[int] | None] | None = None,
     ) -> None:
+        self.adjust = LogitAdjuster.build(params, device, history, rows, stop_ids)
         live = [p for p in params if p is not None and p.temperature > 0]
         self.greedy_only = not live
         self.shared = shared
@@ -112,16 +131,28 @@ class BatchSampler:
         if self.greedy_only:
             return
         self.temps = _on(device, [p.temperature if p else 0.0 for p in params])
+        self.min_p = None
+        if any(p.min_p > 0 for p in live):
+            self.min_p = _on(device, [p.min_p if p else 0.0 for p in params])
         if self.filtered:
             self.top_k = _on(device, [p.top_k if p and p.top_k > 0 else 1 << 30 for p in params])
             self.top_p = _on(device, [p.top_p if p else 1.0 for p in params])
             self.max_top_k = max((p.top_k for p in live), default=0)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.adjust is None:
+            return self._pick(logits)
+        picked = self._pick(self.adjust(logits))
+        self.adjust.record(picked)
+        return picked
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)
         if self.greedy_only:
             return greedy
         scaled = logits.float() / self.temps.clamp(min=1e-5)[:, None]
+        if self.min_p is not None:
+            scaled = _min_p(scaled, self.min_p)
         if self.host:
             from .host_sampling import sample_on_host
 
@@ -144,6 +175,13 @@ class BatchSampler:
         probs = torch.softmax(ordered, dim=-1)
         drop = probs.cumsum(-1) - probs >= self.top_p[:, None]
         return ordered.masked_fill(drop, float("-inf")), order
+
+
+def _min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop the tokens less likely than min_p x the likeliest (vLLM's min-p, on the
+    temperature-scaled logits): p < min_p x p_max is logit < max + log(min_p)."""
+    floor = scaled.amax(dim=-1, keepdim=True) + torch.log(min_p).reshape(-1, 1)
+    return scaled.masked_fill(scaled < floor, float("-inf"))
 
 
 def _on(device: torch.device, values: list[float] | list[int]) -> torch.Tensor:
