@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from tokenrelay.queueing.connection import RedisSettings
+from tokenrelay.queueing.durability import MODES
 
 from .settings import APISettings
 
@@ -14,7 +15,27 @@ from .settings import APISettings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="redis://, rediss:// (TLS) or redis+sentinel://HOST:26379,HOST2:26379/MASTER/0 "
+        "(the primary Sentinel monitors; README, Replicated Redis)",
+    )
+    parser.add_argument(
+        "--durable-enqueue",
+        choices=MODES,
+        default="auto",
+        help="acknowledge a request only once a Redis replica has its job (WAIT 1); auto "
+        "(default): while the primary reports a connected replica; on: always (no replica: "
+        "503); off: never",
+    )
+    parser.add_argument(
+        "--durable-enqueue-timeout",
+        type=int,
+        default=1000,
+        help="milliseconds an enqueue waits for a replica before the request gets a 503 "
+        "with Retry-After (default 1000)",
+    )
     parser.add_argument("--key-prefix", default="tr", help=argparse.SUPPRESS)
     parser.add_argument(
         "--api-keys",
@@ -121,8 +142,14 @@ def settings_from(args: argparse.Namespace) -> APISettings:
         raise SystemExit("tokenrelay api: --batch-window must be 1 or more")
     if getattr(args, "max_file_size", 1) < 1:
         raise SystemExit("tokenrelay api: --max-file-size must be 1 or more")
+    timeout_ms = getattr(args, "durable_enqueue_timeout", 1000)
+    if not 1 <= timeout_ms <= 5000:
+        # Below the connections' 10 s socket timeout, with room for a retry.
+        raise SystemExit("tokenrelay api: --durable-enqueue-timeout must be 1 to 5000 ms")
     return APISettings(
         redis=RedisSettings(url=args.redis_url, prefix=args.key_prefix),
+        durable_enqueue=getattr(args, "durable_enqueue", "auto"),
+        durable_enqueue_timeout_ms=timeout_ms,
         api_keys=api_keys(args),
         rate_limit_rpm=getattr(args, "rate_limit_rpm", 0),
         rate_limit_tpm=getattr(args, "rate_limit_tpm", 0),

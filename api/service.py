@@ -12,6 +12,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, RedisError
 
+from tokenrelay.queueing.durability import Durability, NotReplicated
 from tokenrelay.queueing.jobs import JobQueue
 from tokenrelay.queueing.keys import Lane
 from tokenrelay.queueing.messages import Chunk, ErrorInfo, Job
@@ -41,6 +42,17 @@ def redis_down(exc: Exception) -> APIError:
         f"The job queue (Redis) is unreachable: {exc}. Retry shortly.",
         type="server_overloaded",
         code="queue_unavailable",
+        retry_after=2,
+    )
+
+
+def not_replicated(exc: Exception) -> APIError:
+    return APIError(
+        503,
+        f"The job queue could not make this request durable: {exc} (a replica lagging or "
+        "lost, or a failover under way). It was not accepted; retry shortly.",
+        type="server_overloaded",
+        code="enqueue_not_replicated",
         retry_after=2,
     )
 
@@ -113,7 +125,13 @@ class GenerationService:
         self.relay = relay
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.queue = queue or JobQueue(redis, settings.redis.keys)
+        self.queue = queue or JobQueue(
+            redis,
+            settings.redis.keys,
+            durability=Durability(
+                redis, settings.durable_enqueue, settings.durable_enqueue_timeout_ms
+            ),
+        )
         self.registry = Registry(redis, settings.redis.keys)
 
     async def live_models(self) -> dict[str, list[WorkerInfo]]:
@@ -171,7 +189,16 @@ class GenerationService:
         timer = self.metrics.start(job.model)
         try:
             async with self.relay.subscribe(job.model, job.id) as sub:
-                result = await self.queue.enqueue(job, max_depth=self.settings.max_queue, lane=lane)
+                try:
+                    result = await self.queue.enqueue(
+                        job, max_depth=self.settings.max_queue, lane=lane
+                    )
+                except NotReplicated as exc:
+                    # The primary may have the job: cancel it, so no worker runs an answer
+                    # that nobody waits for (the client retries as a new request).
+                    with anyio.CancelScope(shield=True):
+                        await self.cancel(job)
+                    raise not_replicated(exc) from exc
                 if result.status == "full":
                     raise overloaded(
                         f"The queue for '{job.model}' is full ({result.detail} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenrelay.queueing.connection import RedisSettings
+from tokenrelay.queueing.durability import Mode
 
 
 @dataclass
@@ -23,3 +24,7 @@ class APISettings:
     max_prompt_chars: int = 200_000  # prompt / all message contents together
     shutdown_grace: float = 30.0  # seconds open requests get to finish on SIGTERM
     batch_window: int = 86400  # seconds a batch has to complete: its "24h" window
+    # Acknowledge a job once a replica has it (WAIT 1 <ms>): auto = while the primary reports
+    # a connected replica, on, off (queueing/durability.py).
+    durable_enqueue: Mode = "auto"
+    durable_enqueue_timeout_ms: int = 1000

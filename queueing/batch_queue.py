@@ -18,6 +18,7 @@ from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.serializers import JSONSerializer
 
+from . import sentinel
 from .batches import KEEP_ENDED_S, MOVE_SCRIPT, LineError
 from .connection import RedisSettings
 from .keys import Keys
@@ -34,15 +35,17 @@ RESULT_TTL_S = 7 * 86400
 def sync_connect(settings: RedisSettings) -> redis.Redis:
     """A synchronous client with the same timeouts as ``connection.connect`` (RQ needs
     bytes replies, and RESP2)."""
-    return redis.Redis.from_url(
-        settings.url,
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.connect_timeout,
-        protocol=2,
-        retry=RedisRetry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries),
-        health_check_interval=30,
-        max_connections=16,
-    )
+    options = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "protocol": 2,
+        "retry": RedisRetry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries),
+        "health_check_interval": 30,
+        "max_connections": 16,
+    }
+    if sentinel.is_sentinel(settings.url):
+        return sentinel.sync_master(settings.url, **options)
+    return redis.Redis.from_url(settings.url, **options)
 
 
 def batch_queue(connection: redis.Redis, keys: Keys) -> Queue:

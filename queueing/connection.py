@@ -8,12 +8,13 @@ import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from . import sentinel
 from .keys import Keys
 
 
 @dataclass
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = "redis://127.0.0.1:6379/0"  # or redis+sentinel://... (queueing/sentinel.py)
     prefix: str = "tr"
     # Over the longest blocking read (XREADGROUP BLOCK is 1 s), so a block never times out.
     socket_timeout: float = 10.0
@@ -29,20 +30,38 @@ class RedisSettings:
 
 def connect(settings: RedisSettings, decode_responses: bool = True) -> aioredis.Redis:
     """An asyncio client with a bounded, blocking pool (``decode_responses=False`` for one
-    that reads bytes, as the file store's chunks are).
+    that reads bytes, as the file store's chunks are). ``settings.url`` is ``redis://``,
+    ``rediss://`` (TLS) or ``redis+sentinel://`` (the primary a set of sentinels monitors).
 
     Retries are few and safe: enqueue is idempotent by request id, so a retried command whose
     reply was lost cannot queue a job twice.
     """
+    options = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "protocol": 2,
+        "decode_responses": decode_responses,
+        "retry": retry(settings),
+        "health_check_interval": 30,
+    }
+    if sentinel.is_sentinel(settings.url):
+        # Each connection asks the sentinels for the primary as it connects: one lost to a
+        # failover reconnects to the new primary (queueing/sentinel.py).
+        return sentinel.async_master(
+            settings.url,
+            max_connections=settings.max_connections,
+            timeout=settings.pool_timeout,
+            **options,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
         timeout=settings.pool_timeout,
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.connect_timeout,
-        protocol=2,
-        decode_responses=decode_responses,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries),
-        health_check_interval=30,
+        **options,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def retry(settings: RedisSettings) -> Retry:
+    """A few retries with exponential backoff (50 ms doubling, at most 0.5 s apart)."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries)

@@ -43,6 +43,9 @@ class Stack:
     prefix: str
     processes: list[Process] = field(default_factory=list)
     api_port: int = 0
+    # What the processes get as --redis-url when it differs from the test's own redis_url
+    # (a redis+sentinel:// URL: tests/sentinels.py)
+    service_url: str = ""
 
     @property
     def url(self) -> str:
@@ -57,7 +60,7 @@ class Stack:
                 *tokenrelay_argv(),
                 name,
                 "--redis-url",
-                self.redis_url,
+                self.service_url or self.redis_url,
                 "--key-prefix",
                 self.prefix,
                 *argv,
