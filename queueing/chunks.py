@@ -9,6 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .fencing import Fence
 from .keys import Keys
 from .messages import ChoiceDelta, Chunk, ErrorInfo, Result, Usage
 
@@ -89,6 +90,12 @@ class ChunkPublisher:
     Each chunk goes to the request's pub/sub channel (fast, at-most-once) and, in the same
     round trip, to a short-lived log stream from which a reader repairs a gap. The same round
     trip reads the request's cancel key, so cancellation costs no extra call.
+
+    With a ``fence`` (a worker's delivery of the job) the round trip is one script that
+    writes only while the worker still owns that delivery (queueing/fencing.py); otherwise
+    :class:`~.fencing.LostDelivery` is raised and nothing was written. Log entries also
+    carry the token counts so far (``p``, ``t``) and the delivery (``d``), from which a
+    worker that reclaims the job continues it (workers/continuation.py).
     """
 
     def __init__(
@@ -101,17 +108,26 @@ class ChunkPublisher:
         attempt: int = 1,
         ttl: int = 600,
         outbox: ChunkOutbox | None = None,
+        fence: Fence | None = None,
+        seq: int = 0,
     ) -> None:
         self.redis = redis
         self.outbox = outbox
         self.request_id = request_id
-        self.attempt = attempt
+        self.attempt = attempt  # the run whose text this is: a continuation keeps it
         self.ttl = ttl
-        self.seq = 0
+        self.fence = fence
+        self.seq = seq  # a continuation numbers its chunks after the last one sent
+        self.first_seq = seq
         self._channel = keys.chunks(model, request_id)
         self._log = keys.chunk_log(model, request_id)
         self._cancel = keys.cancel(model, request_id)
         self._result = keys.result(model, request_id)
+
+    @property
+    def sent(self) -> bool:
+        """Whether this publisher sent any chunk."""
+        return self.seq > self.first_seq
 
     async def send(
         self,
@@ -121,8 +137,10 @@ class ChunkPublisher:
         error: ErrorInfo | None = None,
         done: bool = False,
         result: Result | None = None,
+        tokens: Usage | None = None,
     ) -> bool:
-        """Send one chunk; returns whether the request has been cancelled."""
+        """Send one chunk; returns whether the request has been cancelled. ``tokens``: the
+        counts so far, logged for a continuation (``usage`` is what the client sees)."""
         chunk = Chunk(
             id=self.request_id,
             attempt=self.attempt,
@@ -132,22 +150,39 @@ class ChunkPublisher:
             error=error,
             done=done or error is not None or result is not None,
         )
+        first = not self.sent
         self.seq += 1
         data = chunk.model_dump_json()
-        commands: list[Command] = [("XADD", self._log, "*", "c", data)]
-        if chunk.seq == 0 or chunk.done:  # the log's TTL: set once, renewed at the end
-            commands.append(("EXPIRE", self._log, self.ttl))
-        commands.append(("PUBLISH", self._channel, data))
+        entry: list[Any] = ["c", data]
+        counts = tokens or usage
+        if counts is not None:
+            entry += ["p", counts.prompt_tokens, "t", counts.completion_tokens]
+        if self.fence is not None:
+            entry += ["d", self.fence.deliveries]
+        # The log's TTL is renewed with every chunk: it lapses only chunk_ttl after the
+        # stream's last chunk, never under a long generation still running.
+        commands: list[Command] = [
+            ("XADD", self._log, "*", *entry),
+            ("EXPIRE", self._log, self.ttl),
+            ("PUBLISH", self._channel, data),
+        ]
         if result is not None:
             commands.append(("SET", self._result, result.model_dump_json(), "EX", self.ttl))
         commands.append(("EXISTS", self._cancel))
-        replies = await self._execute(commands, urgent=chunk.seq == 0 or chunk.done)
+        replies = await self._execute(commands, urgent=first or chunk.done)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         return bool(replies[-1])
 
     async def _execute(self, commands: list[Command], *, urgent: bool) -> list[Any]:
+        if self.fence is not None:
+            keys = [self._log, self._channel, self._cancel, self._result]
+            wrapped = [self.fence.wrap(keys, commands)]
+            return self.fence.unwrap((await self._send(wrapped, urgent=urgent))[0])
+        return await self._send(commands, urgent=urgent)
+
+    async def _send(self, commands: list[Command], *, urgent: bool) -> list[Any]:
         if self.outbox is not None:
             return await self.outbox.send(commands, urgent=urgent)
         pipe = self.redis.pipeline(transaction=False)
@@ -155,9 +190,9 @@ class ChunkPublisher:
             pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def has_sent_tokens(self) -> bool:
-        """Whether an earlier attempt already logged chunks for this request."""
-        return int(await self.redis.xlen(self._log)) > 0
-
     async def reset_log(self) -> None:
-        await self.redis.delete(self._log)
+        """Drop what an earlier delivery logged (a rerun starts the text over)."""
+        if self.fence is not None:
+            await self.fence.run(self.redis, [self._log], [("DEL", self._log)])
+        else:
+            await self.redis.delete(self._log)

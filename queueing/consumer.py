@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from .fencing import Fence, LostDelivery
 from .keys import GROUP, LANES, Keys, Lane
 
 # The consumer that jobs handed back by a stopping worker move to. No worker heartbeats under
@@ -84,11 +85,17 @@ class Delivery:
     attempt: int  # 1 for a first delivery
     reclaimed: bool = False  # claimed from a worker whose heartbeat lapsed
     lane: Lane = "interactive"
+    settled: bool = False  # dead-lettered: acknowledged already
 
     @property
     def key(self) -> tuple[Lane, str]:
         """Unique among a worker's jobs: the two streams' entry ids may coincide."""
         return self.lane, self.entry_id
+
+    def fence(self, keys: Keys, consumer: str) -> Fence:
+        """What ``consumer`` must still own to write for this delivery (its attempt is the
+        entry's delivery count)."""
+        return Fence(keys.lane_jobs(self.model, self.lane), self.entry_id, consumer, self.attempt)
 
 
 class JobConsumer:
@@ -162,11 +169,32 @@ class JobConsumer:
         return deliveries
 
     async def ack(self, model: str, entry_id: str, *, lane: Lane = "interactive") -> None:
+        """Acknowledge and delete an entry, unfenced: for one just read (deleted while
+        pending) and for tests; a worker's job goes through :meth:`finish`."""
         stream = self.keys.lane_jobs(model, lane)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(stream, GROUP, entry_id)
         pipe.xdel(stream, entry_id)
         await pipe.execute()
+
+    def fence(self, delivery: Delivery) -> Fence:
+        return delivery.fence(self.keys, self.consumer)
+
+    async def finish(self, delivery: Delivery) -> None:
+        """XACK + XDEL a job, only while this consumer still owns its delivery (raises
+        :class:`~.fencing.LostDelivery` otherwise); a dead-lettered one is done already."""
+        if delivery.settled:
+            return
+        fence = self.fence(delivery)
+        await fence.run(
+            self.redis,
+            [],
+            [
+                ("XACK", fence.stream, GROUP, delivery.entry_id),
+                ("XDEL", fence.stream, delivery.entry_id),
+            ],
+        )
+        delivery.settled = True
 
     async def reclaim(
         self, model: str, count: int = 100, scan: int = 1000, *, lane: Lane = "interactive"
@@ -182,34 +210,39 @@ class JobConsumer:
             for entry_id, job, n in rows
         ]
 
-    async def hand_back(
-        self, model: str, entry_ids: list[str], *, lane: Lane = "interactive"
-    ) -> None:
+    async def hand_back(self, deliveries: list[Delivery]) -> int:
         """Give read jobs back to the group at once (a stopping worker's unstarted or
         unfinished jobs), without waiting for its heartbeat to lapse. JUSTID: the move
-        itself counts no delivery."""
-        if entry_ids:
-            await self.redis.xclaim(
-                self.keys.lane_jobs(model, lane), GROUP, HANDED_BACK, 0, entry_ids, justid=True
-            )
+        itself counts no delivery. Fenced: a job another worker owns by now stays its.
+        Returns how many went back."""
+        given = 0
+        for delivery in deliveries:
+            fence = self.fence(delivery)
+            move = ("XCLAIM", fence.stream, GROUP, HANDED_BACK, 0, delivery.entry_id, "JUSTID")
+            try:
+                await fence.run(self.redis, [], [move])
+            except LostDelivery:
+                continue
+            given += 1
+        return given
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move a job that keeps failing out of the way, keeping it for inspection. Both
-        lanes share the model's dead-letter stream; each entry says its lane."""
-        stream = self.keys.lane_jobs(delivery.model, delivery.lane)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
-            self.keys.dead_letters(delivery.model),
-            {
-                "job": delivery.payload,
-                "reason": reason,
-                "attempts": delivery.attempt,
-                "lane": delivery.lane,
-            },
+        lanes share the model's dead-letter stream; each entry says its lane. Fenced, like
+        every write for a job."""
+        fence = self.fence(delivery)
+        dead = self.keys.dead_letters(delivery.model)
+        entry = ("job", delivery.payload, "reason", reason, "attempts", delivery.attempt)
+        await fence.run(
+            self.redis,
+            [dead],
+            [
+                ("XADD", dead, "*", *entry, "lane", delivery.lane),
+                ("XACK", fence.stream, GROUP, delivery.entry_id),
+                ("XDEL", fence.stream, delivery.entry_id),
+            ],
         )
-        pipe.xack(stream, GROUP, delivery.entry_id)
-        pipe.xdel(stream, delivery.entry_id)
-        await pipe.execute()
+        delivery.settled = True
 
     async def is_cancelled(self, model: str, request_ids: list[str]) -> list[bool]:
         if not request_ids:

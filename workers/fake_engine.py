@@ -2,7 +2,8 @@
 
 Token ``i`` of request ``r`` is ``fake_token(r, i)``, so a client can tell a lost,
 duplicated or reordered token from the text alone. Prompts may steer it:
-``POISON`` makes the engine raise; ``CRASH`` kills the worker process.
+``POISON`` makes the engine raise; ``CRASH`` kills the worker process. A job that sets a
+sampling extra (penalties, logit_bias, ...) is answered by fake_words.py's tiny model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from tokenrelay.queueing.messages import ChoiceDelta, Job
 
 from .engine import Engine, EngineEvent, InvalidRequest, JobHandle
+from .fake_words import generate_words, uses_words
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -74,15 +76,22 @@ class FakeEngine(Engine):
             raise InvalidRequest(
                 "prompt and max_tokens exceed the context", "context_length_exceeded"
             )
+        if uses_words(job.params):  # the sampling extras: a tiny model (fake_words.py)
+            await generate_words(job, handle, prompt, max_tokens, self.token_delay)
+            return
         n = job.params.n
-        for i in range(max_tokens):
+        # a continued stream (workers/continuation.py) goes on from the tokens already sent
+        start = getattr(job, "continued_tokens", 0)
+        if start and job.params.max_tokens is None:
+            max_tokens -= start
+        for i in range(start, start + max_tokens):
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
-            last = i == max_tokens - 1
+            last = i == start + max_tokens - 1
             deltas = [
                 ChoiceDelta(
                     index=c, text=fake_token(job.id, i, c), finish_reason="length" if last else None
                 )
                 for c in range(n)
             ]
-            handle.put(EngineEvent(deltas, prompt_tokens, (i + 1) * n))
+            handle.put(EngineEvent(deltas, prompt_tokens + start, (i + 1 - start) * n))

@@ -10,6 +10,16 @@ from .engine import InvalidRequest
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, job: Job) -> list[int]:
+    ids = _encode(tokenizer, job)
+    # A stream continued after its worker died (workers/continuation.py): the text already
+    # sent follows the prompt, encoded on its own as the generated tokens were.
+    continued = getattr(job, "continued_text", "")
+    if continued:
+        ids += tokenizer(continued, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, job: Job) -> list[int]:
     if job.kind == "completion":
         return list(tokenizer(job.prompt or "")["input_ids"])
     if not getattr(tokenizer, "chat_template", None):

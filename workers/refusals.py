@@ -26,8 +26,11 @@ async def refuse_unknown_needs(
     names = ", ".join(job.unknown_needs())
     reason = f"needs {names}, which this worker (tokenrelay {__version__}) does not know"
     log.error("refusing job %s: it %s; upgrade the worker", job.id, reason)
-    await consumer.dead_letter(delivery, f"refused: {reason}")
-    await ChunkPublisher(redis, keys, job.model, job.id, attempt=delivery.attempt).send(
+    # the client first: a dead-lettered job is no longer ours to write for (fencing)
+    fence = consumer.fence(delivery)
+    await ChunkPublisher(
+        redis, keys, job.model, job.id, attempt=delivery.attempt, fence=fence
+    ).send(
         error=ErrorInfo(
             message=f"The request {reason}: upgrade the model workers.",
             type="server_error",
@@ -35,6 +38,7 @@ async def refuse_unknown_needs(
             status=503,
         )
     )
+    await consumer.dead_letter(delivery, f"refused: {reason}")
 
 
 async def refuse_unreadable(
@@ -46,21 +50,25 @@ async def refuse_unreadable(
 ) -> None:
     reason = reasons(exc)
     log.error("dead-lettering malformed job %s: %s", delivery.entry_id, reason)
-    await consumer.dead_letter(delivery, f"malformed job: {reason}")
     try:
         raw = json.loads(delivery.payload)
         job_id, model = str(raw["id"]), str(raw["model"])
     except (ValueError, KeyError, TypeError):
-        return  # nobody to tell: the dead letter keeps it
-    newer = "upgrade this process" in reason
-    await ChunkPublisher(redis, keys, model, job_id, attempt=delivery.attempt).send(
-        error=ErrorInfo(
-            message=f"The model worker could not read the request: {reason}",
-            type="server_error",
-            code="worker_outdated" if newer else "malformed_job",
-            status=503 if newer else 500,
+        job_id = model = ""  # nobody to tell: the dead letter keeps it
+    if job_id:
+        newer = "upgrade this process" in reason
+        fence = consumer.fence(delivery)
+        await ChunkPublisher(
+            redis, keys, model, job_id, attempt=delivery.attempt, fence=fence
+        ).send(
+            error=ErrorInfo(
+                message=f"The model worker could not read the request: {reason}",
+                type="server_error",
+                code="worker_outdated" if newer else "malformed_job",
+                status=503 if newer else 500,
+            )
         )
-    )
+    await consumer.dead_letter(delivery, f"malformed job: {reason}")
 
 
 def reasons(exc: ValidationError) -> str:

@@ -26,12 +26,15 @@ from tokenrelay import __version__
 from tokenrelay.logs import bind_request_id
 from tokenrelay.queueing.chunks import ChunkOutbox, ChunkPublisher
 from tokenrelay.queueing.consumer import Delivery, JobConsumer
+from tokenrelay.queueing.fencing import LostDelivery
 from tokenrelay.queueing.keys import Keys, Lane
 from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job, Result, Usage
 from tokenrelay.queueing.registry import Registry, WorkerInfo
 
+from .continuation import ContinuedJob, resume
 from .engine import Engine, EngineEvent, InvalidRequest
 from .lanes import LaneReader
+from .ownership import Ownership
 from .refusals import refuse_unknown_needs, refuse_unreadable
 from .sampling import with_defaults
 from .throughput import Throughput
@@ -66,6 +69,7 @@ class Worker:
         self.consumer = JobConsumer(redis, keys, options.worker_id)
         self.reader = LaneReader(self.consumer, options.models, options.concurrency)
         self.registry = Registry(redis, keys)
+        self.ownership = Ownership(redis, self.consumer)
         # keyed by Delivery.key: (lane, stream entry id)
         self.inflight: dict[tuple[Lane, str], asyncio.Task[None]] = {}
         self.deliveries: dict[tuple[Lane, str], Delivery] = {}
@@ -136,17 +140,14 @@ class Worker:
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=5)
-        streams = {(d.model, d.lane) for d in late}
-        for model, lane in streams:  # the rest go back at once, for others to run
-            ids = [d.entry_id for d in late if (d.model, d.lane) == (model, lane)]
-            await self._hand_back(model, ids, lane)
+        await self._hand_back(late)  # the rest go back at once, for others to run
 
-    async def _hand_back(self, model: str, entry_ids: list[str], lane: Lane) -> None:
+    async def _hand_back(self, deliveries: list[Delivery]) -> None:
         try:
-            await self.consumer.hand_back(model, entry_ids, lane=lane)
-            log.info("handed back %d jobs of %s (%s lane)", len(entry_ids), model, lane)
+            given = await self.consumer.hand_back(deliveries)
+            log.info("handed back %d jobs", given)
         except (RedisError, OSError) as exc:  # they wait for our heartbeat to lapse instead
-            log.warning("could not hand back %d jobs: %s", len(entry_ids), exc)
+            log.warning("could not hand back %d jobs: %s", len(deliveries), exc)
 
     # reading jobs
 
@@ -184,8 +185,7 @@ class Worker:
                 await asyncio.sleep(1.0)
                 continue
             if self._stopping.is_set():  # read while stopping: not ours to run any more
-                for delivery in deliveries:
-                    await self._hand_back(delivery.model, [delivery.entry_id], delivery.lane)
+                await self._hand_back(deliveries)
                 break
             for delivery in deliveries:
                 self._start(delivery)
@@ -235,16 +235,19 @@ class Worker:
             attempt=delivery.attempt,
             ttl=self.options.chunk_ttl,
             outbox=self.outbox,
+            fence=self.consumer.fence(delivery),
         )
         try:
-            if await self._should_skip(job, delivery, publisher):
-                await self.consumer.ack(job.model, delivery.entry_id, lane=delivery.lane)
-                return
-            await self._generate(job, delivery, publisher)
-            await self.consumer.ack(job.model, delivery.entry_id, lane=delivery.lane)
+            run = await self._prepare(job, delivery, publisher)
+            if run is not None:
+                await self._generate(run, delivery, publisher)
+            await self.consumer.finish(delivery)
         except asyncio.CancelledError:
             self.engine.cancel(job.id)
             raise
+        except LostDelivery as exc:  # another worker owns it now: nothing we wrote landed
+            self.engine.cancel(job.id)
+            self.ownership.drop(exc)
         except _RunAgain:
             self._reread_at = self._reread_at or time.monotonic() + 1.0
         except RedisError as exc:
@@ -254,11 +257,13 @@ class Worker:
             self.engine.cancel(job.id)
             self._reread_at = self._reread_at or time.monotonic() + 1.0
 
-    async def _should_skip(self, job: Job, delivery: Delivery, publisher: ChunkPublisher) -> bool:
+    async def _prepare(self, job: Job, delivery: Delivery, publisher: ChunkPublisher) -> Job | None:
+        """The job to run: itself, or a stream continued after the tokens an earlier
+        delivery sent; None to acknowledge it unrun."""
         (cancelled,) = await self.consumer.is_cancelled(job.model, [job.id])
         if cancelled:
             log.info("job %s was cancelled before it started", job.id)
-            return True
+            return None
         if time.time() > job.deadline:
             await publisher.send(
                 error=ErrorInfo(
@@ -268,11 +273,10 @@ class Worker:
                     status=503,
                 )
             )
-            return True
+            return None
         if delivery.attempt > self.options.max_deliveries:
             log.error("job %s failed %d deliveries; dead-lettering", job.id, delivery.attempt - 1)
-            await self.consumer.dead_letter(delivery, "too many deliveries")
-            await publisher.send(
+            await publisher.send(  # the client first: once dead, the job is not ours
                 error=ErrorInfo(
                     message=f"The request failed on {delivery.attempt - 1} workers in a row and "
                     "was set aside (dead-letter stream).",
@@ -281,26 +285,16 @@ class Worker:
                     status=500,
                 )
             )
-            return True
+            await self.consumer.dead_letter(delivery, "too many deliveries")
+            return None
         if delivery.attempt > 1:
-            if job.stream and await publisher.has_sent_tokens():
-                await publisher.send(
-                    error=ErrorInfo(
-                        message="The worker serving this stream died after it had sent tokens; "
-                        "retry the request.",
-                        type="server_error",
-                        code="worker_lost",
-                        status=502,
-                    )
-                )
-                return True
-            await publisher.reset_log()
             log.info("job %s re-delivered (attempt %d)", job.id, delivery.attempt)
-        return False
+            return await resume(self.redis, self.keys, job, publisher, self.options.chunk_ttl)
+        return job
 
     async def _generate(self, job: Job, delivery: Delivery, publisher: ChunkPublisher) -> None:
         n = job.params.n
-        texts = [""] * n
+        texts = [job.continued_text if isinstance(job, ContinuedJob) else ""] + [""] * (n - 1)
         finish: list[str | None] = [None] * n
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         started = time.monotonic()
@@ -311,6 +305,8 @@ class Worker:
                 deltas = _merge(events, texts, finish)
                 usage = _usage(events[-1])
                 counted = self.throughput.count(usage.completion_tokens, counted)
+                if isinstance(job, ContinuedJob):
+                    usage = job.usage(usage)
                 if time.time() > job.deadline:
                     self.engine.cancel(job.id)
                     await publisher.send(
@@ -322,7 +318,7 @@ class Worker:
                         )
                     )
                     return
-                if await publisher.send(deltas):
+                if await publisher.send(deltas, tokens=usage):
                     log.info("job %s cancelled by its client", job.id)
                     self.engine.cancel(job.id)
                     return
@@ -337,7 +333,7 @@ class Worker:
                 )
             )
             return
-        except RedisError:
+        except (RedisError, LostDelivery):
             raise  # not the model's fault: the job stays pending and runs again
         except Exception as exc:
             log.exception("engine failed on job %s (attempt %d)", job.id, delivery.attempt)
@@ -371,9 +367,8 @@ class Worker:
         """A job the engine failed on runs again until its deliveries run out, then goes to
         the dead-letter stream with an error to its client. A stream that has sent tokens
         cannot run again unseen: it gets the error at once."""
-        if delivery.attempt < self.options.max_deliveries and publisher.seq == 0:
+        if delivery.attempt < self.options.max_deliveries and not publisher.sent:
             raise _RunAgain from exc
-        await self.consumer.dead_letter(delivery, f"engine error: {exc}")
         await publisher.send(
             error=ErrorInfo(
                 message=f"The model failed on this request ({delivery.attempt} deliveries; "
@@ -383,6 +378,7 @@ class Worker:
                 status=500,
             )
         )
+        await self.consumer.dead_letter(delivery, f"engine error: {exc}")
 
     # background duties
 
@@ -393,12 +389,17 @@ class Worker:
         await self.registry.heartbeat(self.info, self.options.heartbeat_ttl)
 
     async def _heartbeat_loop(self) -> None:
+        beat = self.ownership.beat(self.options.heartbeat_ttl)
         while True:
             await asyncio.sleep(self.options.heartbeat_interval)
             try:
                 await self._heartbeat_once()
+                # within one heartbeat of coming back, let go of jobs others took meanwhile
+                await self.ownership.check(self.deliveries, self.inflight)
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+                continue
+            beat()
 
     async def _cancel_loop(self) -> None:
         """Notice cancellations of jobs that emit nothing for a while (long prefill, say)."""

@@ -305,7 +305,7 @@ async def test_batch_lane_reclaim_hand_back_and_dead_letter(
     ]
 
     # B stops: one line goes back to the group, the next reclaim of a live worker takes it
-    await b.hand_back(MODEL, [claimed[0].entry_id], lane="batch")
+    await b.hand_back([claimed[0]])
     owners = {
         e["message_id"]: (e["consumer"], e["times_delivered"])
         for e in await aredis.xpending_range(keys.batch_jobs(MODEL), GROUP, "-", "+", 10)
