@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
 from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from .hf_engine import eos_ids
 from .llama_runner import LlamaRunner
+from .penalties import TokenHistory, check_logit_bias, needs_history
 from .prompts import encode_prompt
 from .sampling import make_generator, sample_rows
 from .text import TextTracker
@@ -35,6 +37,7 @@ class _Seq:
     last: int = 0  # the newest token known on the host
     on_device: bool = False  # the next input is the last launched step's output
     finish: str | None = None
+    history: int | None = None  # its row of the engine's TokenHistory (penalties.py)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class BatchEngine(ThreadedEngine):
         self._waiting_since = 0.0
         self._shared = torch.Generator(device=self.device)
         self._shared.seed()
+        self.history = TokenHistory(int(model.config.vocab_size), self.device)
         self._free = list(range(slots))
         self._waiting: list[tuple[Job, JobHandle]] = []
         self._closed = False
@@ -175,6 +179,7 @@ class BatchEngine(ThreadedEngine):
     def _prepare(self, job: Job, handle: JobHandle) -> tuple[_Run, list[int]]:
         ids = encode_prompt(self.tokenizer, job)
         params = job.params
+        check_logit_bias(params, self.history.vocab)
         run = _Run(
             job=job,
             handle=handle,
@@ -184,8 +189,16 @@ class BatchEngine(ThreadedEngine):
             stop_ids=set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids),
         )
         slots = [self._free.pop(0) for _ in range(params.n)]
-        run.seqs = [_Seq(slot, TextTracker(self._decode, params.stop), len(ids)) for slot in slots]
+        run.seqs = [_Seq(slot, self._tracker(params), len(ids)) for slot in slots]
+        if needs_history(params):
+            for seq in run.seqs:
+                seq.history = self.history.acquire(ids)
         return run, ids
+
+    def _tracker(self, params: SamplingParams) -> TextTracker:
+        return TextTracker(
+            self._decode, params.stop, params.include_stop_str_in_output, params.min_tokens
+        )
 
     def _prefill(self, admitted: list[tuple[_Run, list[int]]]) -> None:
         """One forward pass for every admitted prompt, one sampling pass for their first
@@ -196,15 +209,27 @@ class BatchEngine(ThreadedEngine):
         rows: list[int] = []
         params: list[SamplingParams | None] = []
         generators: list[torch.Generator | None] = []
+        histories: list[int | None] = []
+        stops: list[Collection[int] | None] = []
         for row, (run, ids) in enumerate(admitted):
             for seq in run.seqs[1:]:
                 self.runner.copy_slot(run.seqs[0].slot, seq.slot, len(ids))
             seeded = run.generator if run.job.params.seed is not None else None
-            for _ in run.seqs:
+            for seq in run.seqs:
                 rows.append(row)
                 params.append(run.job.params)
                 generators.append(seeded)
-        picked = sample_rows(logits[_to(self.device, rows)], params, generators, self._shared)
+                histories.append(seq.history)
+                stops.append(run.stop_ids)
+        picked = sample_rows(
+            logits[_to(self.device, rows)],
+            params,
+            generators,
+            self._shared,
+            self.history,
+            histories,
+            stops,
+        )
         firsts = iter(picked.tolist())
         for run, _ in admitted:
             event = self._advance(run, [next(firsts) for _ in run.seqs])
@@ -233,11 +258,14 @@ class BatchEngine(ThreadedEngine):
         from_device = [False] * width
         params: list[SamplingParams | None] = [None] * width
         generators: list[torch.Generator | None] = [None] * width
+        histories: list[int | None] = [None] * width
+        stops: list[Collection[int] | None] = [None] * width
         for run, s in live:
             tokens[s.slot], positions[s.slot] = s.last, s.length
             from_device[s.slot] = s.on_device
             params[s.slot] = run.job.params
             generators[s.slot] = run.generator if run.job.params.seed is not None else None
+            histories[s.slot], stops[s.slot] = s.history, run.stop_ids
         token_ids = _to(self.device, tokens)
         if previous is not None and any(from_device):
             earlier = torch.zeros(width, dtype=torch.long, device=self.device)
@@ -245,7 +273,9 @@ class BatchEngine(ThreadedEngine):
             earlier[:n] = previous.picked[:n]
             token_ids = torch.where(_to(self.device, from_device, torch.bool), earlier, token_ids)
         logits = self.runner.decode(token_ids, _to(self.device, positions))
-        picked = sample_rows(logits, params, generators, self._shared)
+        picked = sample_rows(
+            logits, params, generators, self._shared, self.history, histories, stops
+        )
         for _, s in live:
             s.length += 1
             s.on_device = True
@@ -299,6 +329,8 @@ class BatchEngine(ThreadedEngine):
         run.ended = True
         for seq in run.seqs:
             self._free.append(seq.slot)
+            if seq.history is not None:
+                self.history.release(seq.history)
         self._free.sort()
         if error is not None:
             run.handle.put(error)

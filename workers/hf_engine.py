@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenrelay.queueing.messages import ChoiceDelta, Job
+from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
 
 from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
+from .penalties import LogitAdjuster, TokenHistory, check_logit_bias, needs_history
 from .prompts import encode_prompt
 from .sampling import make_generator, sample
 from .text import TextTracker
@@ -35,6 +36,7 @@ class _Running:
     finish: list[str | None]
     cache: DynamicCache = field(default_factory=DynamicCache)
     next_ids: torch.Tensor | None = None
+    adjust: LogitAdjuster | None = None  # the request's penalties, bias and min_tokens
     generated: int = 0  # steps taken; each running choice gets one token a step
     completion_tokens: int = 0
 
@@ -87,15 +89,26 @@ class HFEngine(ThreadedEngine):
             ids = encode_prompt(self.tokenizer, job)
             max_tokens = max_tokens_for(job, len(ids), self.max_context)
             generator = make_generator(job.params, self.device)
-            n = job.params.n
+            params = job.params
+            n = params.n
+            check_logit_bias(params, int(self.model.config.vocab_size))
             r = _Running(
                 job=job,
                 handle=handle,
                 prompt_len=len(ids),
                 max_tokens=max_tokens,
                 generator=generator,
-                trackers=[TextTracker(self._decode, job.params.stop) for _ in range(n)],
+                trackers=[
+                    TextTracker(
+                        self._decode,
+                        params.stop,
+                        params.include_stop_str_in_output,
+                        params.min_tokens,
+                    )
+                    for _ in range(n)
+                ],
                 finish=[None] * n,
+                adjust=self._adjuster(params, ids),
             )
             input_ids = torch.tensor([ids] * n, device=self.device)
             self._forward(r, input_ids)
@@ -108,10 +121,24 @@ class HFEngine(ThreadedEngine):
         handle.close()
         return None
 
+    def _adjuster(self, params: SamplingParams, ids: list[int]) -> LogitAdjuster | None:
+        if not (params.logit_bias or needs_history(params)):
+            return None
+        n = params.n
+        history = TokenHistory(int(self.model.config.vocab_size), self.device, rows=n)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        rows: list[int | None] = [history.acquire(ids) for _ in range(n)]
+        return LogitAdjuster.build([params] * n, self.device, history, rows, [stop_ids] * n)
+
     @torch.inference_mode()
     def _forward(self, r: _Running, input_ids: torch.Tensor) -> None:
         out = self.model(input_ids=input_ids, past_key_values=r.cache, use_cache=True)
-        r.next_ids = sample(out.logits[:, -1, :], r.job.params, r.generator)
+        logits = out.logits[:, -1, :]
+        if r.adjust is None:
+            r.next_ids = sample(logits, r.job.params, r.generator)
+            return
+        r.next_ids = sample(r.adjust(logits), r.job.params, r.generator)
+        r.adjust.record(r.next_ids)
 
     def _step(self, r: _Running) -> bool:
         """Take the sampled token of every live choice, emit text, decode the next step.

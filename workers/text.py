@@ -9,12 +9,23 @@ class TextTracker:
     """Turns one sequence's token ids into safe-to-send text deltas.
 
     Text that could still become a stop string, or an incomplete UTF-8 character, is held
-    back until the next token settles it.
+    back until the next token settles it. ``include_stop`` (vLLM's
+    include_stop_str_in_output) ends the text after the stop string instead of before it;
+    stop strings are looked for only once more than ``min_tokens`` tokens are in (vLLM's
+    rule: min_tokens holds back every way of stopping).
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]) -> None:
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        stop: list[str],
+        include_stop: bool = False,
+        min_tokens: int = 0,
+    ) -> None:
         self.decode = decode
         self.stop = [s for s in stop if s]
+        self.include_stop = include_stop
+        self.min_tokens = min_tokens
         self.token_ids: list[int] = []
         self.text = ""  # the decoded text so far
         self.sent = 0  # characters of ``text`` already emitted
@@ -34,6 +45,8 @@ class TextTracker:
         that is safe to send. A stop string among them ends the text where it starts."""
         self.token_ids += token_ids
         self._decode_new(final=False)
+        if len(self.token_ids) <= self.min_tokens:  # no stop string may end the text yet
+            return self._emit(len(self.text))
         hit = self._find_stop()
         if hit is not None:
             self.stopped = True
@@ -70,8 +83,11 @@ class TextTracker:
             return None
         longest = max(len(s) for s in self.stop)
         start = max(0, self.sent - longest)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
+        hits = [(i, -len(s)) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return None
+        at, minus_length = min(hits)  # the earliest; there, the longest
+        return at - minus_length if self.include_stop else at
 
     def _held_back(self, end: int) -> int:
         """Length of the longest tail of text[:end] that is a proper prefix of a stop."""

@@ -19,6 +19,7 @@ from tokenrelay.queueing.messages import Job, SamplingParams
 
 from ..engine import InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from ..hf_engine import eos_ids
+from ..penalties import TokenHistory, check_logit_bias, needs_history
 from ..prompts import encode_prompt
 from ..sampling import BatchSampler, make_generator, sample_rows
 from ..text import TextTracker
@@ -78,6 +79,7 @@ class PagedEngine(ThreadedEngine):
         self._waiting_since = 0.0
         self._shared = torch.Generator(device=device)
         self._shared.seed()
+        self.history = TokenHistory(int(model.config.vocab_size), device)
         self._waiting: list[tuple[Job, JobHandle] | Run] = []
         self._closed = False
         log.info(
@@ -204,7 +206,8 @@ class PagedEngine(ThreadedEngine):
         try:
             ids = encode_prompt(self.tokenizer, job)
             params = job.params
-            return Run(
+            check_logit_bias(params, self.history.vocab)
+            run = Run(
                 job=job,
                 handle=handle,
                 prompt_len=len(ids),
@@ -212,16 +215,22 @@ class PagedEngine(ThreadedEngine):
                 generator=make_generator(params, self.device),
                 stop_ids=set(params.stop_token_ids)
                 | (set() if params.ignore_eos else self.eos_ids),
-                seqs=[
-                    Seq(BlockTable(), TextTracker(self._decode, params.stop), list(ids))
-                    for _ in range(params.n)
-                ],
+                seqs=[Seq(BlockTable(), self._tracker(params), list(ids)) for _ in range(params.n)],
             )
+            if needs_history(params):
+                for seq in run.seqs:
+                    seq.history = self.history.acquire(ids)
+            return run
         except Exception as exc:
             if not isinstance(exc, InvalidRequest):
                 log.exception("could not prepare %s", job.id)
             self._reject(handle, exc)
             return None
+
+    def _tracker(self, params: SamplingParams) -> TextTracker:
+        return TextTracker(
+            self._decode, params.stop, params.include_stop_str_in_output, params.min_tokens
+        )
 
     def _reject(self, handle: JobHandle, exc: BaseException) -> None:
         handle.put(exc)
@@ -257,7 +266,16 @@ class PagedEngine(ThreadedEngine):
                 params.append(run.job.params)
                 generators.append(seeded)
             run.fresh = False
-        picked = sample_rows(logits[to_device(self.device, rows)], params, generators, self._shared)
+        seqs = [(r, s) for r in fresh for s in r.seqs]
+        picked = sample_rows(
+            logits[to_device(self.device, rows)],
+            params,
+            generators,
+            self._shared,
+            self.history,
+            [s.history for _, s in seqs],
+            [r.stop_ids for r, _ in seqs],
+        )
         for run in fresh:
             for seq in run.seqs:
                 seq.on_device = True
@@ -380,6 +398,9 @@ class PagedEngine(ThreadedEngine):
             [r.generator if r.job.params.seed is not None else None for r, _ in live],
             self._shared,
             self.device,
+            history=self.history,
+            rows=[s.history for _, s in live],
+            stop_ids=[r.stop_ids for r, _ in live],
         )
         picked = self.runner.decode_steps(tokens, inputs, steps, sample)
         for _, s in live:
@@ -414,6 +435,9 @@ class PagedEngine(ThreadedEngine):
         run.ended = True
         for seq in run.seqs:
             self.blocks.free(seq.table)
+            if seq.history is not None:
+                self.history.release(seq.history)
+                seq.history = None
         if error is not None:
             run.handle.put(error)
         run.handle.close()

@@ -23,6 +23,7 @@ class Seq:
     last: int = 0  # the newest token known on the host: the next step's input
     on_device: bool = False  # the next input is the last launched step's output
     finish: str | None = None
+    history: int | None = None  # its row of the engine's TokenHistory (penalties.py)
 
 
 @dataclass
