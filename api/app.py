@@ -20,9 +20,10 @@ from .draining import Drain
 from .metrics import Metrics
 from .ratelimit import BodySizeLimit, RateLimiter
 from .requestid import RequestIdMiddleware
-from .routes import batches, completions, files, health, metrics, models, status
+from .routes import batches, completions, files, health, metrics, models, status, tokenize
 from .service import GenerationService
 from .settings import APISettings
+from .tokenizers import TokenizerCache
 
 
 def create_app(settings: APISettings) -> FastAPI:
@@ -38,6 +39,7 @@ def create_app(settings: APISettings) -> FastAPI:
         relay = ChunkRelay(redis, settings.redis.keys)
         await relay.start()
         app.state.service = GenerationService(redis, relay, settings, app.state.metrics)
+        app.state.tokenizers = TokenizerCache(redis, settings.redis.keys)
         app.state.limiter = RateLimiter(
             redis, settings.redis.keys, settings.rate_limit_rpm, settings.rate_limit_tpm
         )
@@ -59,6 +61,6 @@ def create_app(settings: APISettings) -> FastAPI:
     # POST /v1/files streams its upload under its own limit (--max-file-size)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, exempt=("/v1/files",))
     app.add_middleware(RequestIdMiddleware)  # outermost: every response gets the header
-    for module in (models, completions, files, batches, status, health, metrics):
+    for module in (models, completions, tokenize, files, batches, status, health, metrics):
         app.include_router(module.router)
     return app
