@@ -82,6 +82,7 @@ class Summary:
     started_after_cancel: int = 0
     pending: int = 0
     redelivered: int = 0  # requests whose chunk log shows a second attempt (a re-run)
+    continued: int = 0  # streams another worker continued after their worker was lost
     dead_lettered: int = 0
     max_latency_s: float = 0.0  # the slowest request, first byte sent to its last
     notes: dict = field(default_factory=dict)  # scenario-specific figures
@@ -110,7 +111,8 @@ class Summary:
             f"p99_429={f(self.p99_reject_latency_s)} queued_cancels={self.queued_cancels} "
             f"started_after_cancel={self.started_after_cancel} "
             f"queued_then_started={self.queued_then_started} leaked_keys={self.leaked_keys} "
-            f"redelivered={self.redelivered} dead_lettered={self.dead_lettered} "
+            f"redelivered={self.redelivered} continued={self.continued} "
+            f"dead_lettered={self.dead_lettered} "
             f"max_latency={self.max_latency_s:.1f}s {self.notes or ''} "
             f"elapsed={self.elapsed_s:.1f}s violations={len(self.violations)} "
             f"slow={len(self.slow)}"
@@ -208,13 +210,16 @@ async def check_redis(r: aioredis.Redis, prefix: str, s: Summary, timeout: float
 async def check_logs(r: aioredis.Redis, prefix: str, outcomes: list[Outcome], s: Summary) -> None:
     """From each request's chunk log: a chunk number sent twice within one attempt means the
     job ran twice at once (enqueued twice, or claimed by two workers); a later attempt is a
-    re-run, counted in ``redelivered``."""
+    re-run, counted in ``redelivered``; a chunk logged by a later delivery under the same
+    attempt is a continuation (the run went on on another worker), counted in
+    ``continued``."""
     keys = Keys(prefix)
     for o in outcomes:
         if not o.id:
             continue
         seen: set[tuple[int, int]] = set()
         attempts = {1}
+        continued = False
         for _, fields in await r.xrange(keys.chunk_log(MODEL, o.id)):
             chunk = json.loads(fields["c"])
             key = (chunk["attempt"], chunk["seq"])
@@ -222,5 +227,7 @@ async def check_logs(r: aioredis.Redis, prefix: str, outcomes: list[Outcome], s:
                 s.violations.append(f"{o.id}: chunk {key} logged twice: the job ran twice")
             seen.add(key)
             attempts.add(chunk["attempt"])
+            continued = continued or int(fields.get("d", 0)) > chunk["attempt"]
         s.redelivered += max(attempts) > 1
+        s.continued += continued
     s.max_latency_s = max((o.latency for o in outcomes), default=0.0)
