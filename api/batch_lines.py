@@ -18,6 +18,7 @@ from tokenrelay.queueing.batches import LineError
 from tokenrelay.queueing.messages import Job
 
 from .errors import invalid_field
+from .ratelimit import prompt_chars
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 SCHEMAS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
@@ -33,6 +34,11 @@ class BatchLine:
     number: int  # 1-based line of the input file
     custom_id: str
     request: ChatCompletionRequest | CompletionRequest
+    prompt_chars: int = 0  # what the API's --max-prompt-chars counts
+
+    @property
+    def prompt_field(self) -> str:
+        return "prompt" if isinstance(self.request, CompletionRequest) else "messages"
 
     def output_id(self, batch_id: str) -> str:
         return f"batch_req_{batch_id.removeprefix('batch_')}_{self.number}"
@@ -106,7 +112,8 @@ def _line(number: int, raw: bytes, endpoint: str, seen: dict[str, int]) -> Batch
     if item.get("url") != endpoint:
         message = f"'url' is {item.get('url')!r}, but this batch's endpoint is '{endpoint}'."
         raise LineProblem(number, "mismatched_url", message, "url")
-    return BatchLine(number, custom_id, _request(number, item.get("body"), endpoint))
+    body = item.get("body")
+    return BatchLine(number, custom_id, _request(number, body, endpoint), prompt_chars(body))
 
 
 def _request(number: int, body: Any, endpoint: str) -> ChatCompletionRequest | CompletionRequest:

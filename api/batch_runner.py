@@ -44,7 +44,7 @@ from tokenrelay.queueing.messages import Job
 from tokenrelay.queueing.relay import ChunkRelay
 
 from .batch_lines import BatchLine, parse
-from .errors import APIError
+from .errors import APIError, prompt_too_long
 from .service import GenerationService
 from .settings import APISettings
 
@@ -75,6 +75,7 @@ class RunnerSettings:
     lease_ttl: float = 30.0  # seconds a dead runner holds its batch
     poll_interval: float = 0.5  # seconds between checks for cancel and expiry
     max_queue: int = 100_000  # batch-lane jobs of a model before a line waits
+    max_prompt_chars: int = 200_000  # as the API's --max-prompt-chars: longer lines fail
 
 
 class LeaseLost(RuntimeError):
@@ -168,6 +169,8 @@ class BatchRunner:
                 batch.id, ("validating",), "in_progress", total=len(lines), model=model
             )
             log.info("batch %s: %d lines, in progress", batch.id, len(lines))
+        if batch.ended:  # read past its window before this run took it up (api/batches.py)
+            return batch.status
         if batch.status == "in_progress":
             outcome = await self._process(batch, lines)
         else:  # resumed while ending
@@ -299,7 +302,7 @@ class BatchRunner:
     ) -> None:
         while True:
             try:
-                body = await self._answer(job, service)
+                body = await self._answer(line, job, service)
             except APIError as exc:
                 if time.time() >= batch.expires_at:
                     return  # cut off by the window: the batch's end reports it
@@ -312,7 +315,12 @@ class BatchRunner:
             await self._record(batch, line, job, 200, body)
             return
 
-    async def _answer(self, job: Job, service: GenerationService) -> dict[str, Any]:
+    async def _answer(
+        self, line: BatchLine, job: Job, service: GenerationService
+    ) -> dict[str, Any]:
+        limit = self.settings.max_prompt_chars
+        if limit > 0 and line.prompt_chars > limit:
+            raise prompt_too_long(line.prompt_chars, limit, line.prompt_field)
         try:
             await service.check(job.model, job.params.max_tokens, job.params.n)
         except APIError as exc:

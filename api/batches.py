@@ -7,6 +7,7 @@ its poll interval, or, for a batch no runner holds yet, the record is cancelled 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
@@ -21,6 +22,8 @@ from tokenrelay.queueing.files import FileStore
 from .batch_lines import SCHEMAS
 from .errors import APIError
 from .settings import APISettings
+
+log = logging.getLogger(__name__)
 
 ENDPOINTS = tuple(SCHEMAS)
 MAX_LIST = 100
@@ -179,10 +182,29 @@ class BatchService:
         batch = await self.store.get(batch_id)
         if batch is None:
             raise batch_not_found(batch_id)
-        return batch
+        return await self._unclaimed_expired(batch)
 
     async def list(self, after: str | None, limit: int) -> tuple[list[Batch], bool]:
-        return await self.store.list(limit, after)
+        found, has_more = await self.store.list(limit, after)
+        return [await self._unclaimed_expired(b) for b in found], has_more
+
+    async def _unclaimed_expired(self, batch: Batch) -> Batch:
+        """A batch that no batch worker took up before its window ended (none is running)
+        would read ``validating`` for ever: it ends ``expired`` when it is read, with no
+        lines run, as OpenAI's does. A batch worker that takes it up later finds it ended;
+        one that holds it (its lease) ends it itself."""
+        if batch.status != "validating" or time.time() < batch.expires_at:
+            return batch
+        if await self.store.leased(batch.id):
+            return batch
+        moved, _ = await self.store.move(batch.id, ("validating",), "expired")
+        if moved:
+            log.warning(
+                "batch %s expired before any batch worker took it up: is `tokenrelay "
+                "batch-worker` running against this Redis? (`tokenrelay serve` starts one)",
+                batch.id,
+            )
+        return await self.store.get(batch.id) or batch
 
     async def cancel(self, batch_id: str) -> Batch:
         status = await self.store.cancel(batch_id) if is_batch_id(batch_id) else ""

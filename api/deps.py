@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from redis.exceptions import RedisError
 
-from .errors import APIError
+from .errors import APIError, prompt_too_long
 from .ratelimit import RateLimiter, estimate_tokens, identity, prompt_chars
 from .service import GenerationService, redis_down
 
@@ -58,13 +58,7 @@ async def require_key(request: Request) -> None:
         chars = prompt_chars(body)
         if chars > settings.max_prompt_chars:
             field = "prompt" if isinstance(body, dict) and "prompt" in body else "messages"
-            raise APIError(
-                400,
-                f"The prompt has {chars} characters; this server accepts at most "
-                f"{settings.max_prompt_chars}.",
-                code="prompt_too_long",
-                param=field,
-            )
+            raise prompt_too_long(chars, settings.max_prompt_chars, field)
     if limiter is not None and limiter.enabled:
         client = request.client.host if request.client else None
         try:

@@ -59,6 +59,16 @@ def model_not_found(model: str) -> APIError:
     )
 
 
+def prompt_too_long(chars: int, limit: int, field: str) -> APIError:
+    """A prompt over ``--max-prompt-chars`` (``field``: "prompt" or "messages")."""
+    return APIError(
+        400,
+        f"The prompt has {chars} characters; this server accepts at most {limit}.",
+        code="prompt_too_long",
+        param=field,
+    )
+
+
 def overloaded(message: str, retry_after: float = 2.0, status: int = 429) -> APIError:
     return APIError(
         status,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import signal
 import subprocess
 import time
 import uuid
@@ -20,6 +21,8 @@ import openai
 import psutil
 import pytest
 from rq import Worker
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
 
 from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.embedded_redis import EmbeddedRedis
@@ -60,6 +63,7 @@ def test_a_batch_of_chat_lines_completes_with_answers_and_errors_by_custom_id(
     lines = [chat_line(f"ok-{i}", "fake", f"question {i}", max_tokens=3) for i in range(6)]
     lines.insert(2, chat_line("unknown-model", "no-such-model", "hi"))
     lines.insert(4, chat_line("too-long", "fake", "hi", max_tokens=100_000))
+    lines.insert(5, chat_line("too-many-chars", "fake", "x" * 200_001))  # --max-prompt-chars
     created = start(client, lines)
     assert created.status == "validating" and created.object == "batch"
     assert created.expires_at == created.created_at + 86400
@@ -67,8 +71,8 @@ def test_a_batch_of_chat_lines_completes_with_answers_and_errors_by_custom_id(
     batch = wait_for(client, created.id)
     assert batch.status == "completed", batch
     assert batch.request_counts is not None
-    assert (batch.request_counts.total, batch.request_counts.completed) == (8, 6)
-    assert batch.request_counts.failed == 2
+    assert (batch.request_counts.total, batch.request_counts.completed) == (9, 6)
+    assert batch.request_counts.failed == 3
     assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
     answers = {x["custom_id"]: x for x in lines_of(client, batch.output_file_id)}
     assert sorted(answers) == [f"ok-{i}" for i in range(6)]
@@ -84,6 +88,9 @@ def test_a_batch_of_chat_lines_completes_with_answers_and_errors_by_custom_id(
     assert errors["unknown-model"]["body"]["error"]["code"] == "model_not_found"
     assert errors["too-long"]["status_code"] == 400
     assert errors["too-long"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert errors["too-many-chars"]["status_code"] == 400
+    too_many = errors["too-many-chars"]["body"]["error"]
+    assert too_many["code"] == "prompt_too_long" and too_many["param"] == "messages"
     output = client.files.retrieve(batch.output_file_id or "")
     assert output.purpose == "batch_output"
 
@@ -186,6 +193,27 @@ def test_a_short_window_ends_expired_with_partial_output(
         short.stop()
 
 
+def test_a_batch_no_batch_worker_took_up_ends_expired_when_its_window_is_over(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """No `tokenrelay batch-worker` runs on this prefix: once the window is over the batch
+    reads expired (not validating for ever), in retrieve and in the list."""
+    lonely = Stack(redis_server.url, f"n{uuid.uuid4().hex[:8]}")
+    lonely.api("--api-keys", KEY, "--batch-window", "2")
+    try:
+        c = openai.OpenAI(base_url=f"{lonely.url}/v1", api_key=KEY, max_retries=0)
+        created = start(c, [chat_line("only", "fake", "hi")])
+        assert c.batches.retrieve(created.id).status == "validating"
+        time.sleep(max(0.0, created.expires_at - time.time()) + 0.5)
+        listed = {b.id: b for b in c.batches.list()}
+        assert listed[created.id].status == "expired"
+        batch = c.batches.retrieve(created.id)
+        assert batch.status == "expired" and batch.expired_at
+        assert batch.output_file_id is None and batch.in_progress_at is None
+    finally:
+        lonely.stop()
+
+
 def _kill_with_its_horse(proc: Process, stack: Stack) -> None:
     """SIGKILL a batch worker and its work horse (in its own process group), as a lost
     machine or the OOM killer would."""
@@ -252,6 +280,31 @@ def test_a_batch_worker_killed_alone_takes_its_horse_and_the_batch_resumes(
     assert batch.status == "completed", batch
     answers = [x["custom_id"] for x in lines_of(client, batch.output_file_id)]
     assert sorted(answers) == sorted(f"h{i}" for i in range(40))  # each exactly once
+
+
+def test_a_batch_worker_stopped_with_sigterm_hands_its_batch_back_without_a_retry(
+    client: openai.OpenAI, batch_stack: Stack
+) -> None:
+    """A restart (SIGTERM: serve's stop, a deploy, compose down) is not a failure: the batch
+    goes back to the queue with all of RQ's retries left, and the next worker finishes it."""
+    lines = [chat_line(f"t{i}", "fake", f"q{i}", max_tokens=50) for i in range(40)]
+    created = start(client, lines)
+    wait_for(client, created.id, lambda b: b.request_counts and b.request_counts.completed >= 5)
+    (worker,) = [p for p in batch_stack.processes if p.name == "batch-worker" and p.alive()]
+    worker.kill(signal.SIGTERM)
+    settings = RedisSettings(url=batch_stack.redis_url, prefix=batch_stack.prefix)
+    connection = batch_queue.sync_connect(settings)
+    try:
+        job = RQJob.fetch(created.id, connection=connection, serializer=JSONSerializer)
+        assert job.retries_left == batch_queue.RETRIES
+    finally:
+        connection.close()
+    batch_stack.batch_worker()
+
+    batch = wait_for(client, created.id, timeout=60)
+    assert batch.status == "completed", batch
+    answers = [x["custom_id"] for x in lines_of(client, batch.output_file_id)]
+    assert sorted(answers) == sorted(f"t{i}" for i in range(40))  # each exactly once
 
 
 def test_batch_routes_need_the_api_key(batch_stack: Stack) -> None:

@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between an idle worker's looks for batches whose worker was lost",
     )
     parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=200_000,
+        help="most characters in a line's prompt or messages, as the API's flag of the same "
+        "name (and the same variable): a longer line fails with prompt_too_long (0: no bound)",
+    )
+    parser.add_argument(
         "--burst", action="store_true", help="run the queued batches, then exit (for scripts)"
     )
 
@@ -91,9 +98,17 @@ class BatchWorker(Worker):
 
     def handle_warm_shutdown_request(self) -> None:
         super().handle_warm_shutdown_request()
+        self._stopping = True
         if self.horse_pid:
             self.log.info("Worker %s: stopping its batch; it resumes on the next worker", self.name)
             self.kill_horse()
+
+    def handle_job_failure(self, job: Any, queue: Any, *args: Any, **kwargs: Any) -> None:
+        """A batch stopped because this worker is stopping (a restart, a deploy) goes back
+        to the queue without using one of its retries: those are for batches that fail."""
+        if getattr(self, "_stopping", False) and job.retries_left is not None:
+            job.retries_left += 1
+        super().handle_job_failure(job, queue, *args, **kwargs)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -112,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
         RunnerSettings(
             redis=redis_settings,
             lines_in_flight=args.lines_in_flight,
+            max_prompt_chars=args.max_prompt_chars,
             lease_ttl=3.0 * args.batch_heartbeat_interval,
         )
     )
