@@ -3,6 +3,7 @@ SmolLM2 worker and Redis. The ids must be the model tokenizer's own, loaded here
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -224,3 +225,16 @@ def test_readme_examples_answer_as_shown(model_stack: Stack) -> None:
             assert got["count"] == count and shown.count(",") < count, (got, shown)
         else:
             assert got == json.loads(shown), (path, got, shown)
+
+
+async def test_concurrent_requests_share_one_tokenizer(model_stack: Stack, tokenizer: Any) -> None:
+    """Encodes run in threads on one tokenizer object: they must not trip over each other
+    (a fast tokenizer whose settings were changed mid-encode raises 'Already borrowed')."""
+    texts = [f"{i} {TEXT * (i % 5 + 1)}" for i in range(24)]
+    async with httpx.AsyncClient(base_url=model_stack.url, timeout=120) as client:
+        answers = await asyncio.gather(
+            *(client.post("/tokenize", json={"model": DEMO_MODEL, "prompt": t}) for t in texts)
+        )
+    for text, r in zip(texts, answers, strict=True):
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == tokenizer(text)["input_ids"]
