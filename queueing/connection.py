@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from . import sentinel
 from .keys import Keys
@@ -21,7 +21,7 @@ class RedisSettings:
     connect_timeout: float = 3.0
     max_connections: int = 256
     pool_timeout: float = 20.0  # waiting for a free pooled connection
-    retries: int = 2
+    retries: int = 2  # RQ's synchronous client (queueing/batch_queue.py); see retry()
 
     @property
     def keys(self) -> Keys:
@@ -33,8 +33,8 @@ def connect(settings: RedisSettings, decode_responses: bool = True) -> aioredis.
     that reads bytes, as the file store's chunks are). ``settings.url`` is ``redis://``,
     ``rediss://`` (TLS) or ``redis+sentinel://`` (the primary a set of sentinels monitors).
 
-    Retries are few and safe: enqueue is idempotent by request id, so a retried command whose
-    reply was lost cannot queue a job twice.
+    Commands are not retried (``retry``); enqueue is idempotent by request id all the same,
+    so a client's own retry of a request whose reply was lost cannot queue its job twice.
     """
     options = {
         "socket_timeout": settings.socket_timeout,
@@ -63,5 +63,15 @@ def connect(settings: RedisSettings, decode_responses: bool = True) -> aioredis.
 
 
 def retry(settings: RedisSettings) -> Retry:
-    """A few retries with exponential backoff (50 ms doubling, at most 0.5 s apart)."""
-    return Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.retries)
+    """No command is retried: a caller sees every error (the API answers 503, a worker
+    re-reads its pending jobs), since a retried chunk pipeline whose reply was lost would log
+    its chunk twice and a retried XREADGROUP would strand what the lost reply delivered.
+
+    The Retry is asyncio's: redis-py runs its failure handler before giving up, which is how
+    a pub/sub connection reconnects (and re-subscribes) after a reset or a failover. (The
+    synchronous Retry this used before returned the coroutine unawaited, so the handler never
+    ran, and the API's pub/sub connection never came back on its own after a reset: relayed
+    chunks then arrived only through the once-a-second chunk-log reads.)
+    """
+    del settings
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 0)

@@ -6,6 +6,7 @@ from .scenarios_clients import hangup_churn, slow_reader
 from .scenarios_freeze import freeze_worker
 from .scenarios_load import disconnect_storm, first_chunk_race, kill_workers, overload
 from .scenarios_redis import redis_blips, redis_restart
+from .scenarios_sentinel import sentinel_failover
 from .scenarios_workers import long_generation, poison_job, rolling_restart
 
 SCENARIOS = {
@@ -21,4 +22,5 @@ SCENARIOS = {
     "long": (long_generation, {"small": 6, "full": 24}),
     "rolling": (rolling_restart, {"small": 120, "full": 300}),
     "freeze": (freeze_worker, {"small": 40, "full": 300}),
+    "sentinel": (sentinel_failover, {"small": 60, "full": 500}),
 }
