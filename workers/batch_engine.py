@@ -79,6 +79,9 @@ class BatchEngine(ThreadedEngine):
         self.runner = LlamaRunner(model, slots, self.max_context)
         self.runner.capture_graphs()
         self.device = self.runner.device
+        # batch lines wait and pause while interactive jobs run: a step's cost grows with
+        # its sequences on a CPU; on a GPU a few more cost about nothing, so they ride along
+        self.pause_background = self.device.type == "cpu"
         self.prefill_budget = prefill_budget
         self.admit_window = admit_window
         self.admit_batch = admit_batch
@@ -106,7 +109,7 @@ class BatchEngine(ThreadedEngine):
         pending: _Step | None = None
         while not self._closed:
             self._collect(block=not running and not self._waiting and pending is None)
-            running += self._admit(busy=bool(running))
+            running += self._admit(running)
             running = [r for r in running if not self._drop_cancelled(r)]
             running = self._end_finished(running)
             try:
@@ -123,20 +126,24 @@ class BatchEngine(ThreadedEngine):
         for r in running:
             self._end(r)
 
-    def _admit(self, busy: bool) -> list[_Run]:
+    def _admit(self, running: list[_Run]) -> list[_Run]:
         """Prefill waiting jobs, together in one pass, while slots and the budget last.
 
         While sequences are decoding, arrivals are gathered for up to ``admit_window``
         seconds (or until ``admit_batch`` wait), so a trickle of requests costs a few
         batched prefills instead of one stall of the decode loop each.
         """
-        if busy and self._waiting and len(self._waiting) < self.admit_batch:
+        if running and self._waiting and len(self._waiting) < self.admit_batch:
             if time.monotonic() - self._waiting_since < self.admit_window:
                 return []
         admitted: list[tuple[_Run, list[int]]] = []
         budget, free = self.prefill_budget, len(self._free)
+        self._waiting.sort(key=lambda item: item[1].background)  # stable: interactive first
+        foreground = self.pause_background and self._foreground(running)
         while self._waiting and budget > 0:
             job, handle = self._waiting[0]
+            if handle.background and foreground:
+                break  # a batch line's prefill would hold up the interactive jobs' steps
             if job.params.n > self.runner.slots:
                 self._waiting.pop(0)
                 self._reject(
@@ -188,7 +195,9 @@ class BatchEngine(ThreadedEngine):
             generator=make_generator(params, self.device),
             stop_ids=set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids),
         )
-        slots = [self._free.pop(0) for _ in range(params.n)]
+        # interactive jobs take the lowest free slots and batch lines the highest: a step
+        # is as wide as its highest slot, so one of interactive sequences alone stays narrow
+        slots = [self._free.pop(-1 if handle.background else 0) for _ in range(params.n)]
         run.seqs = [_Seq(slot, self._tracker(params), len(ids)) for slot in slots]
         if needs_history(params):
             for seq in run.seqs:
@@ -248,9 +257,22 @@ class BatchEngine(ThreadedEngine):
             self._end(run)
         return cancelled
 
+    def _foreground(self, running: list[_Run]) -> bool:
+        """Whether an interactive job runs or waits."""
+        return any(not r.handle.background for r in running) or any(
+            not handle.background for _, handle in self._waiting
+        )
+
     def _launch(self, running: list[_Run], previous: _Step | None) -> _Step | None:
-        """Queue one decode step for every live sequence; returns without waiting."""
+        """Queue one decode step for every live sequence; returns without waiting. On a CPU,
+        where a step's cost grows with its sequences, batch lines sit out the steps that
+        interactive sequences take (``pause_background``)."""
         live = [(r, s) for r in running for s in r.seqs if s.finish is None]
+        if self.pause_background and any(not r.handle.background for r, _ in live):
+            for run, s in live:
+                if run.handle.background:
+                    s.on_device = False  # resumed from its host token, read by then
+            live = [(r, s) for r, s in live if not r.handle.background]
         if not live:
             return None
         width = max(s.slot for _, s in live) + 1

@@ -46,6 +46,9 @@ class JobHandle:
 
     job_id: str
     loop: asyncio.AbstractEventLoop
+    # a Batch API line (the batch lane): an engine that can runs it only where it does
+    # not slow interactive jobs down (admitted after them, paused beside them on a CPU)
+    background: bool = False
     _queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     def put(self, item: EngineEvent | BaseException) -> None:
@@ -95,8 +98,9 @@ class Engine(ABC):
     weights: str = ""  # the weight format: a --low-bit name or a dtype (registry, status)
 
     @abstractmethod
-    def submit(self, job: Job) -> JobHandle:
-        """Start generating ``job``; never blocks."""
+    def submit(self, job: Job, *, background: bool = False) -> JobHandle:
+        """Start generating ``job``; never blocks. ``background``: a Batch API line, which
+        interactive jobs go before (JobHandle.background)."""
 
     @abstractmethod
     def cancel(self, job_id: str) -> None:
@@ -122,8 +126,8 @@ class ThreadedEngine(Engine):
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> JobHandle:
-        handle = JobHandle(job.id, asyncio.get_running_loop())
+    def submit(self, job: Job, *, background: bool = False) -> JobHandle:
+        handle = JobHandle(job.id, asyncio.get_running_loop(), background)
         self._inbox.put((job, handle))
         return handle
 

@@ -43,8 +43,8 @@ class FakeEngine(Engine):
         self.max_context = max_context
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def submit(self, job: Job) -> JobHandle:
-        handle = JobHandle(job.id, asyncio.get_running_loop())
+    def submit(self, job: Job, *, background: bool = False) -> JobHandle:
+        handle = JobHandle(job.id, asyncio.get_running_loop(), background)
         self._tasks[job.id] = asyncio.create_task(self._run(job, handle))
         return handle
 

@@ -298,7 +298,7 @@ class Worker:
         finish: list[str | None] = [None] * n
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         started = time.monotonic()
-        handle = self.engine.submit(job)
+        handle = self.engine.submit(job, background=delivery.lane == "batch")
         counted = 0  # this job's tokens already in self.throughput
         try:
             async for events in handle.stream():

@@ -65,6 +65,10 @@ class PagedEngine(ThreadedEngine):
         )
         self.runner.capture_graphs(max_seqs)
         self.device = device
+        # Batch API lines (JobHandle.background) are admitted after interactive jobs; on a
+        # CPU, where a step's cost grows with its sequences, they also wait and sit out the
+        # steps while an interactive job runs (on a GPU a few more cost about nothing)
+        self.pause_background = device.type == "cpu"
         # Decode steps launched back to back before the host looks at their tokens: at
         # hundreds of sequences the host's work per step (inputs, text, events) is longer
         # than the GPU's, and this divides the part that is per launch. A sequence that
@@ -152,6 +156,11 @@ class PagedEngine(ThreadedEngine):
         if running and len(self._waiting) < self.admit_batch and not self._resumable():
             if time.monotonic() - self._waiting_since < self.admit_window:
                 return []
+        self._waiting.sort(key=_background)  # stable: interactive first, preempted first
+        foreground = self.pause_background and (
+            any(not r.handle.background for r in running)
+            or any(not _background(item) for item in self._waiting)
+        )
         live = sum(len(r.live_seqs) for r in running)
         budget = self.prefill_budget
         # keep a few blocks back so running sequences can grow without preempting at once
@@ -159,6 +168,8 @@ class PagedEngine(ThreadedEngine):
         admitted: list[Run] = []
         while self._waiting and budget > 0:
             item = self._waiting[0]
+            if foreground and _background(item):
+                break  # a batch line's prefill would hold up the interactive jobs' steps
             run = item if isinstance(item, Run) else self._prepare_or_reject(*item)
             if run is None:
                 self._waiting.pop(0)
@@ -348,7 +359,9 @@ class PagedEngine(ThreadedEngine):
         """Send the newest runs back to the queue (their tokens are kept and recomputed
         when blocks free up) until the others can take their next step."""
         while running and not self._reserve(running):
-            victim = running.pop()
+            # the newest batch line goes first, then the newest interactive job
+            victim = max(range(len(running)), key=lambda i: (running[i].handle.background, i))
+            victim = running.pop(victim)
             for seq in victim.seqs:
                 self.blocks.free(seq.table)
             self.preemptions += 1
@@ -381,6 +394,8 @@ class PagedEngine(ThreadedEngine):
         # a sequence whose launched steps already reach the context's end only waits for
         # their tokens
         live = [(r, s) for r in running for s in r.live_seqs if s.length + 1 < self.max_context]
+        if self.pause_background and any(not r.handle.background for r, _ in live):
+            live = [(r, s) for r, s in live if not r.handle.background]  # they sit out
         if not live:
             return None
         rows = {id(s): i for i, (_, s) in enumerate(p for step in previous for p in step.live)}
@@ -444,3 +459,8 @@ class PagedEngine(ThreadedEngine):
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _background(item: Run | tuple[Job, JobHandle]) -> bool:
+    """Whether a waiting item is a Batch API line (JobHandle.background)."""
+    return (item.handle if isinstance(item, Run) else item[1]).background
