@@ -158,7 +158,7 @@ async def test_real_model_greedy_stream_survives_a_sigkill(stack: Stack, demo_mo
     body["ignore_eos"] = True  # all 96 tokens, however the story goes
     async with httpx.AsyncClient(base_url=stack.url, timeout=GUARD_S) as client:
         whole = await _stream(client, body, asyncio.Event(), 10**9)
-    (cut,) = await _kill_mid_stream(stack, [body], DEMO_MODEL, after=3)
+    (cut,) = await _kill_mid_stream(stack, [body], DEMO_MODEL, after=12)
     (rid,) = cut["ids"]
     assert await _continued(stack, DEMO_MODEL, rid)
     assert cut["error"] is None and cut["done"] == 1
