@@ -17,6 +17,7 @@ the primary, and each spell in which the sentinels know no primary, is logged on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ SCHEMES = ("redis+sentinel", "sentinel")
 DEFAULT_PORT = 26379
 # Sentinels answer at once or not at all: a dead one must not hold up the discovery.
 SENTINEL_TIMEOUT_S = 1.0
+ADDRESS_TTL_S = 0.25  # how long one answer of the sentinels serves every connection
 
 
 @dataclass(frozen=True)
@@ -147,25 +149,49 @@ class FailoverLog:
             log.warning(
                 "the sentinels know no Redis primary %r (a failover under way?): %s",
                 self.master,
-                exc,
+                str(exc).split(" : ", 1)[0],  # redis-py appends every sentinel's repr
             )
 
 
 class _AsyncPool(async_sentinel.SentinelConnectionPool, BlockingConnectionPool):
-    """Sentinel's pool, bounded and blocking like ``connection.connect``'s."""
+    """Sentinel's pool, bounded and blocking like ``connection.connect``'s.
+
+    Hundreds of connections reconnect at once after a failover, and each asks the sentinels
+    where the primary is: one question is in flight at a time and its answer serves for
+    ``ADDRESS_TTL_S`` (otherwise the sentinel clients' own pools run out, and the primary
+    reads as not found while a failover is long over)."""
 
     def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)
         self.failover_log = FailoverLog(service_name)
+        self._asking: asyncio.Future[Any] | None = None
+        self._known: tuple[float, Any] | None = None  # (when, address)
 
     async def get_master_address(self) -> Any:
+        if self._known and time.monotonic() - self._known[0] < ADDRESS_TTL_S:
+            return self._known[1]
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask())
+            self._asking.add_done_callback(_retrieved)
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self) -> Any:
         try:
             address = await super().get_master_address()
         except async_sentinel.MasterNotFoundError as exc:
             self.failover_log.missing(exc)
             raise
+        finally:
+            self._asking = None
+        self._known = (time.monotonic(), address)
         self.failover_log.found(tuple(address))
         return address
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Every waiter may have left (cancelled): the error is still read, not warned about."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _SyncPool(sync_sentinel.SentinelConnectionPool):

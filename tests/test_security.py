@@ -29,7 +29,7 @@ CHAT = {"model": "fake", "messages": HELLO, "max_tokens": 4}
 
 # The least-privilege users the README documents (keep the two in step).
 ACL_API = (
-    "-@all +ping +evalsha +eval +script|load +xadd +xlen +xrange +get +set "
+    "-@all +ping +evalsha +eval +script|load +wait +xadd +xlen +xrange +get +set "
     "+mget +smembers +srem +zscore +subscribe +unsubscribe +incrby +pttl +pexpire "
     "+zrangebyscore +xpending +xinfo|groups "
     "+hset +hgetall +persist +expireat +multi +exec +del +zadd +zrem +zrangebylex "

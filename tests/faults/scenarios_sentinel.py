@@ -75,11 +75,14 @@ async def _run(own: SentinelStack, n: int, s: Summary, rng: random.Random, start
         own.replicated.server(old).kill()
         killed = time.monotonic()
         s.faults += 1
-        probe = asyncio.create_task(_probe(own.url, killed, probes))
+        latencies: list[float] = []
+        probe = asyncio.create_task(_probe(own.url, killed, probes, latencies))
         s.notes["failover_s"] = round(await asyncio.to_thread(own.replicated.wait_failover, old), 1)
         await load
         await probe
     own.follow()
+    if latencies:
+        s.notes["first_served_probe_s"] = round(latencies[0], 1)  # its own answer time
     await finish(own, outcomes, s, started)
     _judge(s, outcomes, probes)
 
@@ -99,12 +102,14 @@ async def _queue_deep(own: SentinelStack, depth: int, timeout: float = 60) -> in
         await r.aclose()
 
 
-async def _probe(url: str, killed: float, probes: list[tuple[float, int, str]]) -> None:
+async def _probe(
+    url: str, killed: float, probes: list[tuple[float, int, str]], latencies: list[float]
+) -> None:
     """A short request to the probe model every 0.2 s until one is served after the kill."""
     body = {"model": PROBE_MODEL, "prompt": "probe", "max_tokens": 2}
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         while time.monotonic() - killed < 120:
-            code, error = 0, "transport"
+            code, error, sent = 0, "transport", time.monotonic()
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 r = await client.post("/v1/completions", json=body)
                 code, error = r.status_code, ""
@@ -113,6 +118,8 @@ async def _probe(url: str, killed: float, probes: list[tuple[float, int, str]]) 
                 if code in (429, 503) and not r.headers.get("retry-after"):
                     code = -code  # a refusal without Retry-After: the judge flags it
             probes.append((time.monotonic() - killed, code, error))
+            if code == 200:
+                latencies.append(time.monotonic() - sent)
             if code == 200:
                 return
             await asyncio.sleep(0.2)
