@@ -55,9 +55,12 @@ class Ownership:
         snapshot = dict(deliveries)
         fences = {self.consumer.fence(d): key for key, d in snapshot.items()}
         for exc in await lost(self.redis, list(fences)):
-            key = fences[exc.fence]
-            task = tasks.get(key)
-            if task is not None and self.drop(exc):
+            if not exc.owner:
+                # Not pending: most likely this worker's own ack racing the look-up. If a new
+                # owner finished it instead, the job's next write is refused and reports it.
+                continue
+            task = tasks.get(fences[exc.fence])
+            if task is not None and not task.done() and self.drop(exc):
                 task.cancel()  # the job's task cancels its generation: the slot frees
 
     def beat(self, ttl: float) -> Callable[[], None]:
