@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from tokenrelay.queueing.batch_queue import FINALIZE_S
 from tokenrelay.queueing.batches import Batch, BatchStore, LineError
 from tokenrelay.queueing.connection import RedisSettings
+from tokenrelay.queueing.durability import Durability
 from tokenrelay.queueing.files import FileGone, FileStore
 from tokenrelay.queueing.jobs import JobQueue
 from tokenrelay.queueing.keys import Lane
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 LANE: Lane = "batch"
 OUTPUT_EXPIRES_S = 30 * 86400  # output and error files, as OpenAI's batch files
 RETRY_S = 1.0  # before trying a line again after a passing error (Redis, a full lane)
-PASSING = ("queue_unavailable", "overloaded", "server_shutting_down")
+PASSING = ("queue_unavailable", "overloaded", "server_shutting_down", "enqueue_not_replicated")
 ENDS = {
     "completed": ("finalizing",),
     "cancelled": ("cancelling", "in_progress"),
@@ -257,7 +258,11 @@ class BatchRunner:
     def _service(self, batch: Batch) -> GenerationService:
         # A line's enqueue marker must outlive the batch: a run resumed late still dedupes.
         marker_ttl = max(3600, int(batch.expires_at - time.time()) + FINALIZE_S)
-        queue = JobQueue(self.redis, self.keys, marker_ttl=marker_ttl)
+        # Durable like the API's enqueue (auto): a line lost to a failover would wait for
+        # the window's end.
+        queue = JobQueue(
+            self.redis, self.keys, marker_ttl=marker_ttl, durability=Durability(self.redis)
+        )
         api = APISettings(redis=self.settings.redis, max_queue=self.settings.max_queue)
         return GenerationService(self.redis, self.relay, api, queue=queue)
 

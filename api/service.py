@@ -194,10 +194,13 @@ class GenerationService:
                         job, max_depth=self.settings.max_queue, lane=lane
                     )
                 except NotReplicated as exc:
-                    # The primary may have the job: cancel it, so no worker runs an answer
-                    # that nobody waits for (the client retries as a new request).
-                    with anyio.CancelScope(shield=True):
-                        await self.cancel(job)
+                    if lane == "interactive":
+                        # The primary may have the job: cancel it, so no worker runs an
+                        # answer nobody waits for (the client retries as a new request). A
+                        # batch line retries with the same id, whose enqueue then waits for
+                        # the replica again: its job must stay.
+                        with anyio.CancelScope(shield=True):
+                            await self.cancel(job)
                     raise not_replicated(exc) from exc
                 if result.status == "full":
                     raise overloaded(

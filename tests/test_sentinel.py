@@ -20,6 +20,9 @@ import httpx
 import pytest
 import redis
 
+from tokenrelay.api.errors import APIError
+from tokenrelay.api.service import GenerationService
+from tokenrelay.api.settings import APISettings
 from tokenrelay.queueing import sentinel
 from tokenrelay.queueing.batch_queue import sync_connect
 from tokenrelay.queueing.connection import RedisSettings, connect
@@ -27,6 +30,7 @@ from tokenrelay.queueing.durability import Durability, NotReplicated
 from tokenrelay.queueing.jobs import JobQueue
 from tokenrelay.queueing.keys import Keys
 from tokenrelay.queueing.messages import Job, SamplingParams
+from tokenrelay.queueing.relay import ChunkRelay
 
 from .faults.scenarios_sentinel import SentinelStack, sentinel_failover
 from .sentinels import ReplicatedRedis
@@ -196,6 +200,47 @@ async def test_durability_modes_without_a_replica(aredis) -> None:  # type: igno
         await on.enqueue(_job(), max_depth=10)
     off = JobQueue(aredis, keys, durability=Durability(aredis, "off", 50))
     assert (await off.enqueue(_job(), max_depth=10)).status == "ok"
+
+
+async def test_not_replicated_cancels_a_request_but_keeps_a_batch_line(
+    replicated: ReplicatedRedis,
+) -> None:
+    """An interactive request refused for want of a replica has its job cancelled (its
+    client retries as a new request); a batch line keeps it, and its retry with the same id
+    is acknowledged once the replica has the first XADD."""
+    settings = APISettings(
+        redis=RedisSettings(url=replicated.url, prefix=f"t{uuid.uuid4().hex[:8]}"),
+        durable_enqueue_timeout_ms=300,
+    )
+    keys = settings.redis.keys
+    client = connect(settings.redis)
+    relay = ChunkRelay(client, keys)
+    await relay.start()
+    service = GenerationService(client, relay, settings)
+    pid = replicated.replicas[0].process.pid  # type: ignore[union-attr]
+    jobs = {"interactive": _job(), "batch": _job()}
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for lane, job in jobs.items():
+                with pytest.raises(APIError) as refused:
+                    async with service.generate(job, lane=lane):  # type: ignore[arg-type]
+                        pass
+                assert (refused.value.status, refused.value.code) == (
+                    503,
+                    "enqueue_not_replicated",
+                )
+                assert refused.value.retry_after
+                cancelled = await client.exists(keys.cancel("fake", job.id))
+                assert cancelled == (lane == "interactive")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        queue = service.queue
+        again = await queue.enqueue(jobs["batch"], max_depth=100, lane="batch")
+        assert again.status == "dup"
+    finally:
+        await relay.close()
+        await client.aclose()
 
 
 def test_api_answers_503_with_retry_after_when_no_replica_confirms(
