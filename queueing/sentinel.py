@@ -122,7 +122,6 @@ class FailoverLog:
         self.master = master
         self.address: tuple[str, int] | None = None
         self.missing_since: float | None = None
-        self.moves = 0
 
     def found(self, address: tuple[str, int]) -> None:
         if self.missing_since is not None:
@@ -134,7 +133,6 @@ class FailoverLog:
         if self.address is None:
             log.info("Redis primary %r is %s:%s", self.master, *address)
         else:
-            self.moves += 1
             log.warning(
                 "Redis primary %r moved from %s:%s to %s:%s (a failover): reconnecting there",
                 self.master,
@@ -278,12 +276,3 @@ def sync_master(url: str, **kwargs: Any) -> redis.Redis:
     )
     client.sentinels = manager
     return client
-
-
-def describe(url: str) -> str:
-    """``url`` without its password, for messages."""
-    if is_sentinel(url):
-        return parse(url).describe()
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=host, query="").geturl()
