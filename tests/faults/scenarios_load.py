@@ -38,8 +38,13 @@ async def kill_workers(stack: Stack, *, n: int, size: str, seed: int = 1) -> Sum
                 await asyncio.wait_for(stop.wait(), rng.uniform(0.8, 2.0))
             if stop.is_set():
                 return
-            alive = [w for w in workers if w.alive()]
-            victim = rng.choice(alive)
+            # Only a worker that is serving, and never the last one: on a loaded machine a
+            # replacement takes seconds to start, and killing workers faster than they start
+            # tests the start-up time (every request then waits for a worker), not recovery.
+            serving = [w for w in workers if w.alive() and "serving" in w.output()]
+            if len(serving) < 2:
+                continue
+            victim = rng.choice(serving)
             await asyncio.to_thread(victim.kill)
             s.faults += 1
             workers.remove(victim)
