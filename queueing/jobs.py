@@ -75,7 +75,8 @@ class JobQueue:
     async def _enqueue_replicated(
         self, keys: list[str], args: list, durability: Durability
     ) -> EnqueueResult:
-        """The script and WAIT in one pipeline: one connection, retried together."""
+        """The script and WAIT in one pipeline, on one connection: WAIT counts the writes
+        of its own connection only."""
         for _ in range(2):
             pipe = self.redis.pipeline(transaction=False)
             pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
