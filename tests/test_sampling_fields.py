@@ -154,3 +154,24 @@ def test_fields_at_their_neutral_values_are_accepted(stack: Stack, change: dict[
     r = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].startswith("t0.")  # no extras: plain
+
+
+def test_a_job_names_the_extras_it_sets_so_an_older_worker_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tokenrelay.api.schemas import ChatCompletionRequest
+    from tokenrelay.queueing import messages
+
+    body = {**GREEDY, "messages": [{"role": "user", "content": "hi"}]}
+    plain = ChatCompletionRequest.model_validate(body).to_job(60)
+    asked = ChatCompletionRequest.model_validate(
+        {**body, "presence_penalty": 0.5, "logit_bias": {"3": 1}, "min_p": 0}
+    ).to_job(60)
+    assert (plain.needs, asked.needs) == ([], ["presence_penalty", "logit_bias"])
+    wire = messages.Job.model_validate_json(asked.model_dump_json())
+    assert wire.params.logit_bias == {3: 1.0} and wire.unknown_needs() == []
+    older = messages.KNOWN_NEEDS - set(messages.EXTRA_FIELDS)  # the release before them
+    monkeypatch.setattr(messages, "KNOWN_NEEDS", older)
+    assert (
+        wire.unknown_needs() == ["presence_penalty", "logit_bias"] and plain.unknown_needs() == []
+    )

@@ -178,3 +178,38 @@ def test_min_p_keeps_tokens_at_least_min_p_of_the_likeliest(
     want = torch.zeros(4, dtype=torch.double)
     want[keep] = p[keep] / p[keep].sum()
     assert (got - want).abs().max() < 0.015, (got.tolist(), want.tolist())
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_same_tokens_as_on_the_cpu() -> None:
+    """Greedy rows with every adjustment, several steps, each row's own: the device path
+    on CUDA (bfloat16 logits, as a model gives) picks what the CPU picks."""
+    vocab, steps = 1000, 12
+    params = [
+        SamplingParams(**GREEDY, frequency_penalty=0.7),
+        SamplingParams(**GREEDY, presence_penalty=1.2, logit_bias={5: 3.0}),
+        SamplingParams(**GREEDY, repetition_penalty=1.5, min_tokens=4),
+        SamplingParams(**GREEDY),
+        None,
+    ]
+    base = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(3)) * 2
+    base = base.bfloat16().float()  # exactly representable on both sides
+
+    def run(device: torch.device) -> list[list[int]]:
+        history = TokenHistory(vocab, device, rows=1)
+        rows = [history.acquire([1, 2, 3]) if p and p != params[3] else None for p in params]
+        out = []
+        for _ in range(steps):
+            sampler = BatchSampler(
+                params,
+                [None] * len(params),
+                torch.Generator(device=device),
+                device,
+                history=history,
+                rows=rows,
+                stop_ids=[{int(base[2].argmax())}] * len(params),
+            )
+            out.append(sampler(base.to(device, torch.bfloat16)).tolist())
+        return out
+
+    assert run(torch.device("cuda")) == run(CPU)
