@@ -106,9 +106,13 @@ class Job(Message):
 
     id: str
     model: str
-    kind: Literal["chat", "completion"]
+    kind: Literal["chat", "completion", "embed"]
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    # kind "embed" (POST /v1/embeddings): texts or token id lists, one vector each, and the
+    # vector length asked for (None: the model's own); served only by embedding workers
+    input: list[str | list[int]] | None = Field(None, exclude_if=lambda v: v is None)
+    dimensions: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
     params: SamplingParams
     stream: bool
     created: int
@@ -141,6 +145,9 @@ class ChoiceDelta(BaseModel):
     index: int
     text: str = ""
     finish_reason: str | None = None
+    # an embed job's vector for input ``index``: base64 of little-endian float32, the bytes
+    # OpenAI's encoding_format=base64 sends (absent for generation, on the wire too)
+    embedding: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class Usage(BaseModel):

@@ -34,6 +34,10 @@ class WorkerInfo(BaseModel):
     tokens_per_s: float = 0.0  # completion tokens per second over the last few seconds
     tokens_total: int = 0  # completion tokens generated since the worker started
     tokenizer: str = ""  # digest of the tokenizer files it published (queueing/tokenizers.py)
+    # what its model does: "generate" (chat, completions) or "embed" (/v1/embeddings); an
+    # older worker's record has none and generates
+    task: str = "generate"
+    dimensions: int = 0  # an embedding model's vector length
 
 
 class Registry:

@@ -135,6 +135,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between a busy worker's rounds of chunk publishing; tokens made in "
         "between travel as one chunk (first and last chunks go at once)",
     )
+    parser.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", "generate", "embed"],
+        help="generate: chat and completions; embed: /v1/embeddings (an encoder such as "
+        "all-MiniLM-L6-v2, or a decoder pooled as --pooling says); auto: embed for a "
+        "sentence-transformers folder or an encoder model (BERT and kin), else generate",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=["mean", "last"],
+        default=None,
+        help="--task embed: how a sequence's hidden states become one vector (default: the "
+        "folder's sentence-transformers pooling, else mean for an encoder, last token for a "
+        "decoder; then L2-normalized)",
+    )
     parser.add_argument("--fake-token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
@@ -214,6 +230,10 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return FakeEngine(token_delay=args.fake_token_delay)
     if not args.model_path:
         raise SystemExit("tokenrelay worker: --model-path is required (a model folder or .gguf)")
+    from .embed_build import build_embed_engine, resolve_task
+
+    if resolve_task(args) == "embed":
+        return build_embed_engine(args)
     if args.engine in ("paged", "batch"):  # refuse before spending minutes on loading
         choose_engine(args, model_type="", reason=None)
     from .hf_engine import HFEngine
@@ -331,6 +351,8 @@ async def _serve(settings: RedisSettings, engine: Engine, options: WorkerOptions
         ) from exc
     worker = Worker(redis, settings.keys, engine, options)
     worker.info.tokenizer = await _publish_tokenizer(redis, settings, engine, options.models)
+    worker.info.task = getattr(engine, "task", "generate")  # the API routes by it
+    worker.info.dimensions = getattr(engine, "dimensions", 0)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

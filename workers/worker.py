@@ -32,6 +32,7 @@ from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job, Result, Us
 from tokenrelay.queueing.registry import Registry, WorkerInfo
 
 from .continuation import ContinuedJob, resume
+from .embed_job import run_embed
 from .engine import Engine, EngineEvent, InvalidRequest
 from .lanes import LaneReader
 from .ownership import Ownership
@@ -239,7 +240,9 @@ class Worker:
         )
         try:
             run = await self._prepare(job, delivery, publisher)
-            if run is not None:
+            if run is not None and run.kind == "embed":
+                await run_embed(self.engine, run, delivery, publisher, self._engine_failed)
+            elif run is not None:
                 await self._generate(run, delivery, publisher)
             await self.consumer.finish(delivery)
         except asyncio.CancelledError:
