@@ -20,7 +20,17 @@ from .draining import Drain
 from .metrics import Metrics
 from .ratelimit import BodySizeLimit, RateLimiter
 from .requestid import RequestIdMiddleware
-from .routes import batches, completions, files, health, metrics, models, status, tokenize
+from .routes import (
+    batches,
+    completions,
+    embeddings,
+    files,
+    health,
+    metrics,
+    models,
+    status,
+    tokenize,
+)
 from .service import GenerationService
 from .settings import APISettings
 from .tokenizers import TokenizerCache
@@ -61,6 +71,7 @@ def create_app(settings: APISettings) -> FastAPI:
     # POST /v1/files streams its upload under its own limit (--max-file-size)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, exempt=("/v1/files",))
     app.add_middleware(RequestIdMiddleware)  # outermost: every response gets the header
-    for module in (models, completions, tokenize, files, batches, status, health, metrics):
+    routes = (models, completions, embeddings, tokenize, files, batches, status, health, metrics)
+    for module in routes:
         app.include_router(module.router)
     return app

@@ -69,6 +69,21 @@ def prompt_too_long(chars: int, limit: int, field: str) -> APIError:
     )
 
 
+def wrong_task(model: str, task: str) -> APIError:
+    """A request to a model that does the other thing: ``task`` is what its workers do."""
+    if task == "embed":
+        message = (
+            f"'{model}' is an embedding model: it serves POST /v1/embeddings, not chat or "
+            "text completions."
+        )
+    else:
+        message = (
+            f"'{model}' generates text (chat, completions): POST /v1/embeddings needs an "
+            "embedding model (a worker started with --task embed)."
+        )
+    return APIError(400, message, code="model_task_mismatch", param="model")
+
+
 def overloaded(message: str, retry_after: float = 2.0, status: int = 429) -> APIError:
     return APIError(
         status,

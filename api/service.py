@@ -20,7 +20,7 @@ from tokenrelay.queueing.registry import Registry, WorkerInfo
 from tokenrelay.queueing.relay import ChunkRelay, Subscription
 from tokenrelay.queueing.status import Status, snapshot
 
-from .errors import APIError, model_not_found, overloaded
+from .errors import APIError, model_not_found, overloaded, wrong_task
 from .metrics import Metrics, RequestTimer
 from .openai_format import Collector, Formatter
 from .settings import APISettings
@@ -146,10 +146,16 @@ class GenerationService:
         except RedisError as exc:
             raise redis_down(exc) from exc
 
-    async def check(self, model: str, max_tokens: int | None, n: int = 1) -> None:
+    async def check(
+        self, model: str, max_tokens: int | None, n: int = 1, task: str = "generate"
+    ) -> None:
         """404 for a model never served, 503 for one with no live worker, 400 for a
-        max_tokens no worker of it can hold or an ``n`` beyond every worker's slots."""
+        max_tokens no worker of it can hold, an ``n`` beyond every worker's slots, or a
+        model whose workers do another ``task`` (a chat request to an embedding model)."""
         workers = (await self.live_models()).get(model)
+        if workers and not any(w.task == task for w in workers):
+            raise wrong_task(model, workers[0].task)
+        workers = [w for w in workers or [] if w.task == task]
         if not workers:
             try:
                 known = await self.registry.is_known(model)

@@ -23,6 +23,9 @@ def model_object(name: str, workers: list[WorkerInfo]) -> dict[str, Any]:
         "workers": len(workers),
         # each worker's weight format (--low-bit, or its dtype), as its heartbeat says
         "weights": sorted({w.weights for w in workers if w.weights}),
+        # "generate" (chat, completions) or "embed" (/v1/embeddings), with the vector length
+        "task": workers[0].task,
+        **({"dimensions": workers[0].dimensions} if workers[0].task == "embed" else {}),
     }
 
 
