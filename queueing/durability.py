@@ -20,7 +20,7 @@ import time
 from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,17 @@ class Durability:
         self.refresh_s = refresh_s
         self._replicas: int | None = None  # as last read; None: read it again
         self._read_at = 0.0
+        self._refused = False  # INFO refused to this ACL user: logged once
 
     async def required(self) -> bool:
-        """Whether this enqueue must wait for a replica."""
+        """Whether this enqueue must wait for a replica. A Redis error reading the count is
+        raised: the enqueue would meet it too (and a count kept from before a failover would
+        make every enqueue on the new primary wait out its timeout)."""
         if self.mode != "auto":
             return self.mode == "on"
         if self._replicas is None or time.monotonic() - self._read_at > self.refresh_s:
             self._note(await self._count_replicas())
+            self._read_at = time.monotonic()
         return bool(self._replicas)
 
     def forget(self) -> None:
@@ -71,12 +75,13 @@ class Durability:
         self._read_at = 0.0
 
     async def _count_replicas(self) -> int:
-        self._read_at = time.monotonic()
         try:
             info = await self.redis.info("replication")
-        except RedisError as exc:
-            log.warning("could not read the primary's replicas (INFO replication): %s", exc)
-            return self._replicas or 0
+        except NoPermissionError as exc:
+            if not self._refused:
+                log.warning("durable enqueue off: this Redis user may not run INFO (%s)", exc)
+                self._refused = True
+            return 0
         return online_replicas(info)
 
     def _note(self, replicas: int) -> None:

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 import httpx
+import redis
 import redis.asyncio as aioredis
 
 from tokenrelay.queueing.keys import Keys
@@ -87,16 +88,18 @@ async def _run(own: SentinelStack, n: int, s: Summary, rng: random.Random, start
     _judge(s, outcomes, probes)
 
 
-async def _queue_deep(own: SentinelStack, depth: int, timeout: float = 60) -> int:
-    """Until ``depth`` jobs are queued or running (or the timeout): the moment to kill."""
+async def _queue_deep(own: SentinelStack, accepted: int, timeout: float = 60) -> int:
+    """Until ``accepted`` jobs were ever queued (XINFO STREAM's entries-added; or the
+    timeout): the moment to kill. Returns the jobs queued or running then (XLEN)."""
     r = aioredis.Redis.from_url(own.redis_url, decode_responses=True)
     key = Keys(own.prefix).jobs(MODEL)
     deadline = time.monotonic() + timeout
     try:
         while True:
-            queued = int(await r.xlen(key))
-            if queued >= depth or time.monotonic() > deadline:
-                return queued
+            with contextlib.suppress(redis.ResponseError):  # no stream yet
+                info = await r.xinfo_stream(key)
+                if info["entries-added"] >= accepted or time.monotonic() > deadline:
+                    return int(info["length"])
             await asyncio.sleep(0.02)
     finally:
         await r.aclose()
