@@ -138,3 +138,35 @@ async def test_an_unknown_logit_bias_token_is_a_400(engine) -> None:  # type: ig
         await _text(engine, SHORT, logit_bias={10**7: 1.0})
     # the engine goes on (and has closed the refused job's stream before this one's)
     assert await _text(engine, SHORT, max_tokens=2)
+
+
+async def test_each_choice_counts_its_own_tokens(engine, model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    if isinstance(engine, GenerateEngine):
+        pytest.skip("the generate() baseline serves n=1 only")
+    model, tokenizer = model_and_tokenizer
+    fields = {"frequency_penalty": 1.0, "repetition_penalty": 1.2}
+    job = chat_job(REPEAT, temperature=0, max_tokens=TOKENS, n=2, **fields)
+    texts, _, _ = await collect(engine, job)
+    assert texts == [reference(model, tokenizer, REPEAT, **fields)] * 2
+
+
+async def test_a_preempted_sequence_keeps_its_counts(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A cache too small for all four: the newest are preempted and recomputed, and their
+    penalties still count every token they had generated."""
+    model, tokenizer = model_and_tokenizer
+    small = PagedEngine(model, tokenizer, num_blocks=12, max_seqs=4, max_len=512)
+    fields = {"frequency_penalty": 1.0, "presence_penalty": 0.5}
+    try:
+        jobs = [chat_job(REPEAT, temperature=0, max_tokens=40, **fields) for _ in range(4)]
+        results = await asyncio.gather(*(collect(small, j) for j in jobs))
+        assert small.preemptions > 0
+        assert len({texts[0] for texts, _, _ in results}) == 1
+        alone = PagedEngine(model, tokenizer, num_blocks=64, max_seqs=4, max_len=512)
+        try:
+            want = (await collect(alone, jobs[0]))[0][0]
+        finally:
+            alone.close()
+        assert results[0][0][0] == want
+        assert small.history._free and len(small.history._free) == small.history.counts.shape[0]
+    finally:
+        small.close()
