@@ -61,6 +61,8 @@ async def freeze_worker(stack: Stack, *, n: int, size: str, seed: int = 12) -> S
             await load
         await finish(stack, outcomes, s, started)
         dropped = await _dropped(victim, len(held))
+        # its slots are free again: the registry record it heartbeats counts none in flight
+        await _until(lambda: _inflight(r, stack, victim_id), 0, "the resumed worker's slots freed")
     finally:
         await r.aclose()
     s.notes.update(held_by_frozen=len(held), dropped_in_its_log=dropped)
@@ -81,6 +83,11 @@ async def _worker_id(r: aioredis.Redis, stack: Stack, proc: Process) -> str:
         if info and json.loads(info).get("pid") == proc.popen.pid:
             return worker_id
     raise AssertionError(f"no registry record for pid {proc.popen.pid}")
+
+
+async def _inflight(r: aioredis.Redis, stack: Stack, worker_id: str) -> int:
+    info = await r.get(Keys(stack.prefix).worker(worker_id))
+    return json.loads(info)["inflight"] if info else -1
 
 
 async def _owned(r: aioredis.Redis, stack: Stack, consumer: str, held: set[str]) -> int:
