@@ -2,7 +2,9 @@
 
 A job is acknowledged (and deleted from the stream) only after its last chunk is out, so a
 worker that dies mid-job leaves it pending; a live worker reclaims it once the dead one's
-heartbeat key has expired.
+heartbeat key has expired, and continues a stream after the tokens it had sent
+(continuation.py). Every write for a job is fenced on still owning its delivery
+(queueing/fencing.py; ownership.py lets go of the jobs a resumed worker lost).
 """
 
 from __future__ import annotations
