@@ -13,7 +13,9 @@ How a step flows through the parts::
         |              attend over live tokens only (triton_attention.py on CUDA)
     cache.py       the per-layer cache tensors and how many blocks fit on the device
         |
-    sampling       (workers/sampling.py) every row's token on the device, in one pass
+    sampling       (workers/sampling.py) every row's token on the device, in one pass,
+                       after the request's penalties, logit_bias and min_tokens
+                       (workers/penalties.py, from each sequence's token history)
 """
 
 from __future__ import annotations
