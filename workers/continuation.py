@@ -13,6 +13,9 @@ Where that is impossible the stream ends with ``worker_lost`` (counted in the AP
 - ``log expired``: the job is older than the log's TTL and its log is gone, so tokens may
   have been sent that nobody can read back;
 - ``n > 1``: the choices share one prompt in the engine; each would need its own prefix;
+- ``presence/frequency penalty``: they count the tokens generated so far, and the sent ones
+  would be prompt to the continuation (the repetition penalty, over prompt and generated
+  tokens alike, continues faithfully; ``min_tokens`` is reduced by the tokens sent);
 - ``log incomplete``: a chunk is missing, or the entries carry no token counts (written by a
   release before continuation).
 
@@ -106,6 +109,9 @@ def impossible(job: Job, sent: Sent, chunk_ttl: float) -> str | None:
         return "log expired" if time.time() - job.created > chunk_ttl else None
     if job.params.n > 1:
         return "n > 1"
+    if job.params.presence_penalty or job.params.frequency_penalty:
+        # they count the tokens generated so far, which the continuation would not
+        return "presence/frequency penalty"
     if not sent.complete or sent.usage is None:
         return "log incomplete"
     return None
@@ -117,6 +123,7 @@ def continued(job: Job, sent: Sent) -> ContinuedJob:
     params = job.params.model_copy()
     if params.max_tokens is not None:
         params.max_tokens = max(1, params.max_tokens - sent.usage.completion_tokens)
+    params.min_tokens = max(0, params.min_tokens - sent.usage.completion_tokens)
     data = job.model_dump()
     data["params"] = params
     return ContinuedJob(

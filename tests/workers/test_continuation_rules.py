@@ -26,14 +26,18 @@ def test_an_empty_log_means_nothing_was_sent_unless_it_may_have_expired() -> Non
 
 def test_what_cannot_be_continued() -> None:
     assert impossible(make_job(n=2), _sent(), TTL) == "n > 1"
+    assert impossible(make_job(frequency_penalty=0.5), _sent(), TTL) == "presence/frequency penalty"
+    assert impossible(make_job(presence_penalty=-1), _sent(), TTL) == "presence/frequency penalty"
+    assert impossible(make_job(repetition_penalty=1.2, min_tokens=9), _sent(), TTL) is None
     assert impossible(make_job(), _sent(complete=False), TTL) == "log incomplete"
     assert impossible(make_job(), _sent(usage=None), TTL) == "log incomplete"
     assert impossible(make_job(), _sent(), TTL) is None
 
 
 def test_a_continued_job_asks_for_what_is_left_and_counts_everything() -> None:
-    job = make_job(max_tokens=20, temperature=0.7, seed=3)
+    job = make_job(max_tokens=20, temperature=0.7, seed=3, min_tokens=8)
     again = continued(job, _sent(tokens=5))
+    assert again.params.min_tokens == 3
     assert isinstance(again, ContinuedJob)
     assert (again.id, again.prompt, again.deadline) == (job.id, job.prompt, job.deadline)
     assert again.params.max_tokens == 15
