@@ -63,7 +63,7 @@ def sample(
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
     if params.min_p > 0:
-        logits = _min_p(logits, torch.tensor(params.min_p))
+        logits = _min_p(logits, torch.full((logits.shape[0],), params.min_p, device=logits.device))
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

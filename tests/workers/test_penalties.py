@@ -213,3 +213,12 @@ def test_on_cuda_the_same_tokens_as_on_the_cpu() -> None:
         return out
 
     assert run(torch.device("cuda")) == run(CPU)
+
+
+def test_the_one_request_sampler_applies_min_p() -> None:
+    """sample() (the hf engine's): min_p 0.35 of LOGITS keeps tokens 0 and 1 only."""
+    from tokenrelay.workers.sampling import sample
+
+    gen = torch.Generator().manual_seed(0)
+    picked = sample(LOGITS.expand(4000, -1), SamplingParams(temperature=1.0, min_p=0.35), gen)
+    assert set(picked.tolist()) == {0, 1}
