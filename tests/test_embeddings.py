@@ -8,6 +8,9 @@ does for this model: mean pooling over the attention mask, then L2 normalization
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from tokenrelay.embedded_redis import EmbeddedRedis
 from .openai_errors import assert_error
 from .stack import Stack
 
-MODEL = "minilm"
+MODEL = "all-MiniLM-L6-v2"  # the folder's name: the worker's default model name
 TEXTS = [
     "The capital of France is Paris.",
     "Redis streams hold the job queue.",
@@ -45,7 +48,7 @@ def embed_stack(redis_server: EmbeddedRedis, minilm: Path) -> Iterator[Stack]:
 
     s = Stack(redis_server.url, f"e{uuid.uuid4().hex[:8]}")
     s.api()
-    s.worker("--model-path", str(minilm), "--model-names", MODEL)
+    s.worker("--model-path", str(minilm))
     s.fake_worker()
     yield s
     s.stop()
@@ -212,3 +215,19 @@ def test_models_list_says_each_task(client: openai.OpenAI) -> None:
     assert models[MODEL].model_extra["dimensions"] == 384
     assert models[MODEL].model_extra["max_model_len"] == 256
     assert models["fake"].model_extra["task"] == "generate"
+
+
+def test_readme_example_runs_as_written(embed_stack: Stack) -> None:
+    """README's Embeddings example, against this stack instead of port 8000."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Embeddings", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    source = code.group(1).replace("http://127.0.0.1:8000", embed_stack.url)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(source, "README.md", "exec"), {})
+    similar, unrelated = re.fullmatch(
+        r"384 \d+\n(\d\.\d\d) > (-?\d\.\d\d)\n", out.getvalue()
+    ).groups()  # type: ignore[union-attr]
+    assert float(similar) > float(unrelated)
