@@ -92,7 +92,10 @@ class SamplingParams(BaseModel):
     @model_serializer(mode="wrap")
     def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
+        # absent too: the extras at their do-nothing defaults, so a worker of the release
+        # before them (which forbade fields it did not know) still reads every plain job
         unset = set(MODEL_DEFAULTED) - self.model_fields_set
+        unset |= {name for name in EXTRA_FIELDS if self.neutral(name)}
         return {k: v for k, v in data.items() if k not in unset}
 
 
