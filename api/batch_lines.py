@@ -17,13 +17,16 @@ from pydantic import ValidationError
 from tokenrelay.queueing.batches import LineError
 from tokenrelay.queueing.messages import Job
 
+from .embeddings import EmbeddingRequest
 from .errors import invalid_field
 from .ratelimit import prompt_chars
 from .schemas import ChatCompletionRequest, CompletionRequest
 
-SCHEMAS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+LineRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+SCHEMAS: dict[str, type[LineRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
 }
 MAX_LINES = 50_000  # as OpenAI
 MAX_ERRORS = 100  # reported; a file with more says so in the last one
@@ -33,11 +36,13 @@ MAX_ERRORS = 100  # reported; a file with more says so in the last one
 class BatchLine:
     number: int  # 1-based line of the input file
     custom_id: str
-    request: ChatCompletionRequest | CompletionRequest
+    request: LineRequest
     prompt_chars: int = 0  # what the API's --max-prompt-chars counts
 
     @property
     def prompt_field(self) -> str:
+        if isinstance(self.request, EmbeddingRequest):
+            return "input"
         return "prompt" if isinstance(self.request, CompletionRequest) else "messages"
 
     def output_id(self, batch_id: str) -> str:
@@ -116,7 +121,7 @@ def _line(number: int, raw: bytes, endpoint: str, seen: dict[str, int]) -> Batch
     return BatchLine(number, custom_id, _request(number, body, endpoint), prompt_chars(body))
 
 
-def _request(number: int, body: Any, endpoint: str) -> ChatCompletionRequest | CompletionRequest:
+def _request(number: int, body: Any, endpoint: str) -> LineRequest:
     if not isinstance(body, dict):
         raise LineProblem(number, "invalid_body", "'body' must be a JSON object.", "body")
     if body.get("stream"):

@@ -45,6 +45,7 @@ from tokenrelay.queueing.messages import Job
 from tokenrelay.queueing.relay import ChunkRelay
 
 from .batch_lines import BatchLine, parse
+from .embeddings import EmbeddingRequest, answer
 from .errors import APIError, prompt_too_long
 from .service import GenerationService
 from .settings import APISettings
@@ -327,7 +328,8 @@ class BatchRunner:
         if limit > 0 and line.prompt_chars > limit:
             raise prompt_too_long(line.prompt_chars, limit, line.prompt_field)
         try:
-            await service.check(job.model, job.params.max_tokens, job.params.n)
+            task = "embed" if job.kind == "embed" else "generate"
+            await service.check(job.model, job.params.max_tokens, job.params.n, task)
         except APIError as exc:
             # No live worker now (a 503): the line waits in the lane for one, as queued
             # interactive jobs do, until the window ends.
@@ -335,6 +337,8 @@ class BatchRunner:
                 raise
         async with service.generate(job, lane=LANE) as run:
             try:
+                if isinstance(line.request, EmbeddingRequest):
+                    return await answer(run, line.request.encoding_format)
                 return await run.whole()
             except BaseException:
                 if not self.stop_jobs:

@@ -334,7 +334,7 @@ def test_bad_batch_requests_are_openai_shaped_4xx(
     auth = {"Authorization": f"Bearer {KEY}"}
     cases = [
         ({"input_file_id": "file-nope"}, 404, "file_not_found"),
-        ({"endpoint": "/v1/embeddings"}, 400, "invalid_value"),
+        ({"endpoint": "/v1/responses"}, 400, "invalid_value"),  # not served here
         ({"completion_window": "1h"}, 400, "invalid_value"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, 400, "invalid_value"),
         ({"input_file_id": None}, 400, "invalid_value"),

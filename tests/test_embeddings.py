@@ -22,6 +22,7 @@ import pytest
 
 from tokenrelay.embedded_redis import EmbeddedRedis
 
+from .batch_files import jsonl, lines_of, wait_for
 from .openai_errors import assert_error
 from .stack import Stack
 
@@ -48,8 +49,10 @@ def embed_stack(redis_server: EmbeddedRedis, minilm: Path) -> Iterator[Stack]:
 
     s = Stack(redis_server.url, f"e{uuid.uuid4().hex[:8]}")
     s.api()
+    batch_worker = s.batch_worker(wait=False)  # started beside the model's worker
     s.worker("--model-path", str(minilm))
     s.fake_worker()
+    s.wait_batch_workers(1, batch_worker)
     yield s
     s.stop()
 
@@ -231,3 +234,37 @@ def test_readme_example_runs_as_written(embed_stack: Stack) -> None:
         r"384 \d+\n(\d\.\d\d) > (-?\d\.\d\d)\n", out.getvalue()
     ).groups()  # type: ignore[union-attr]
     assert float(similar) > float(unrelated)
+
+
+def test_a_batch_of_embeddings_lines(client: openai.OpenAI, reference: Any) -> None:
+    """The Batch API takes /v1/embeddings lines: each answer is the endpoint's own body."""
+
+    def line(custom_id: str, **body: Any) -> dict[str, Any]:
+        return {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": MODEL, **body},
+        }
+
+    lines = [
+        line("floats", input=TEXTS[:2]),
+        line("b64", input=TEXTS[2], encoding_format="base64"),
+        line("too-long", input="word " * 300),
+    ]
+    upload = client.files.create(file=("e.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    batch = wait_for(client, batch.id, timeout=120)
+    assert batch.status == "completed", batch
+    out = {x["custom_id"]: x["response"] for x in lines_of(client, batch.output_file_id)}
+    errors = {x["custom_id"]: x["response"] for x in lines_of(client, batch.error_file_id)}
+    expected, tokens = reference(TEXTS[:2])
+    floats = out["floats"]["body"]
+    np.testing.assert_allclose([d["embedding"] for d in floats["data"]], expected, atol=1e-5)
+    assert floats["usage"]["prompt_tokens"] == tokens
+    raw = base64.b64decode(out["b64"]["body"]["data"][0]["embedding"])
+    np.testing.assert_allclose(np.frombuffer(raw, "<f4"), reference(TEXTS[2:3])[0][0], atol=1e-5)
+    assert errors["too-long"]["status_code"] == 400
+    assert errors["too-long"]["body"]["error"]["code"] == "context_length_exceeded"
