@@ -22,6 +22,7 @@ from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_
 from .hf_engine import eos_ids
 from .llama_runner import LlamaRunner
 from .penalties import TokenHistory, check_logit_bias, needs_history
+from .priority import HELD_POLL_S, Priority
 from .prompts import encode_prompt
 from .sampling import make_generator, sample_rows
 from .text import TextTracker
@@ -81,7 +82,7 @@ class BatchEngine(ThreadedEngine):
         self.device = self.runner.device
         # batch lines wait and pause while interactive jobs run: a step's cost grows with
         # its sequences on a CPU; on a GPU a few more cost about nothing, so they ride along
-        self.pause_background = self.device.type == "cpu"
+        self.priority = Priority(strict=self.device.type == "cpu")
         self.prefill_budget = prefill_budget
         self.admit_window = admit_window
         self.admit_batch = admit_batch
@@ -108,7 +109,9 @@ class BatchEngine(ThreadedEngine):
         running: list[_Run] = []
         pending: _Step | None = None
         while not self._closed:
-            self._collect(block=not running and not self._waiting and pending is None)
+            # idle, or holding only batch lines back (priority.py): wait for an arrival
+            idle = not running and pending is None
+            self._collect(block=idle, timeout=HELD_POLL_S if self._waiting else None)
             running += self._admit(running)
             running = [r for r in running if not self._drop_cancelled(r)]
             running = self._end_finished(running)
@@ -139,11 +142,12 @@ class BatchEngine(ThreadedEngine):
         admitted: list[tuple[_Run, list[int]]] = []
         budget, free = self.prefill_budget, len(self._free)
         self._waiting.sort(key=lambda item: item[1].background)  # stable: interactive first
-        foreground = self.pause_background and self._foreground(running)
+        foreground, lines = self._foreground(running), 0
         while self._waiting and budget > 0:
             job, handle = self._waiting[0]
-            if handle.background and foreground:
-                break  # a batch line's prefill would hold up the interactive jobs' steps
+            if handle.background and not self.priority.admits_background(foreground, lines):
+                break  # its prefill would hold up interactive jobs (priority.py)
+            lines += handle.background
             if job.params.n > self.runner.slots:
                 self._waiting.pop(0)
                 self._reject(
@@ -266,9 +270,9 @@ class BatchEngine(ThreadedEngine):
     def _launch(self, running: list[_Run], previous: _Step | None) -> _Step | None:
         """Queue one decode step for every live sequence; returns without waiting. On a CPU,
         where a step's cost grows with its sequences, batch lines sit out the steps that
-        interactive sequences take (``pause_background``)."""
+        interactive sequences take (priority.py)."""
         live = [(r, s) for r in running for s in r.seqs if s.finish is None]
-        if self.pause_background and any(not r.handle.background for r, _ in live):
+        if self.priority.pauses_background(any(not r.handle.background for r, _ in live)):
             for run, s in live:
                 if run.handle.background:
                     s.on_device = False  # resumed from its host token, read by then

@@ -146,11 +146,11 @@ class ThreadedEngine(Engine):
             self._cancelled.discard(job_id)
         return cancelled
 
-    def _collect(self, block: bool) -> None:
-        """Move what the inbox holds onto ``_waiting`` (``block``: wait for the first item);
-        ``None`` marks the engine closed."""
+    def _collect(self, block: bool, timeout: float | None = None) -> None:
+        """Move what the inbox holds onto ``_waiting`` (``block``: wait for the first item,
+        at most ``timeout`` seconds); ``None`` marks the engine closed."""
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block, timeout=timeout if block else None)
             while True:
                 if item is None:
                     self._closed = True

@@ -20,6 +20,7 @@ from tokenrelay.queueing.messages import Job, SamplingParams
 from ..engine import InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from ..hf_engine import eos_ids
 from ..penalties import TokenHistory, check_logit_bias, needs_history
+from ..priority import HELD_POLL_S, Priority
 from ..prompts import encode_prompt
 from ..sampling import BatchSampler, make_generator, sample_rows
 from ..text import TextTracker
@@ -68,7 +69,7 @@ class PagedEngine(ThreadedEngine):
         # Batch API lines (JobHandle.background) are admitted after interactive jobs; on a
         # CPU, where a step's cost grows with its sequences, they also wait and sit out the
         # steps while an interactive job runs (on a GPU a few more cost about nothing)
-        self.pause_background = device.type == "cpu"
+        self.priority = Priority(strict=device.type == "cpu")
         # Decode steps launched back to back before the host looks at their tokens: at
         # hundreds of sequences the host's work per step (inputs, text, events) is longer
         # than the GPU's, and this divides the part that is per launch. A sequence that
@@ -108,7 +109,9 @@ class PagedEngine(ThreadedEngine):
         pending: list[Step] = []
         clock = self.clock
         while not self._closed:
-            self._collect(block=not running and not self._waiting and not pending)
+            # idle, or holding only batch lines back (priority.py): wait for an arrival
+            idle = not running and not pending
+            self._collect(block=idle, timeout=HELD_POLL_S if self._waiting else None)
             clock.start()
             try:
                 running += self._admit(running)
@@ -157,10 +160,10 @@ class PagedEngine(ThreadedEngine):
             if time.monotonic() - self._waiting_since < self.admit_window:
                 return []
         self._waiting.sort(key=_background)  # stable: interactive first, preempted first
-        foreground = self.pause_background and (
-            any(not r.handle.background for r in running)
-            or any(not _background(item) for item in self._waiting)
+        foreground = any(not r.handle.background for r in running) or any(
+            not _background(item) for item in self._waiting
         )
+        lines = 0
         live = sum(len(r.live_seqs) for r in running)
         budget = self.prefill_budget
         # keep a few blocks back so running sequences can grow without preempting at once
@@ -168,8 +171,8 @@ class PagedEngine(ThreadedEngine):
         admitted: list[Run] = []
         while self._waiting and budget > 0:
             item = self._waiting[0]
-            if foreground and _background(item):
-                break  # a batch line's prefill would hold up the interactive jobs' steps
+            if _background(item) and not self.priority.admits_background(foreground, lines):
+                break  # its prefill would hold up interactive jobs (priority.py)
             run = item if isinstance(item, Run) else self._prepare_or_reject(*item)
             if run is None:
                 self._waiting.pop(0)
@@ -188,6 +191,7 @@ class PagedEngine(ThreadedEngine):
             self._waiting.pop(0)
             live += len(seqs)
             budget -= sum(len(s.tokens) for s in (seqs[:1] if run.fresh else seqs))
+            lines += run.handle.background
             admitted.append(run)
         if not admitted:
             return []
@@ -394,7 +398,7 @@ class PagedEngine(ThreadedEngine):
         # a sequence whose launched steps already reach the context's end only waits for
         # their tokens
         live = [(r, s) for r in running for s in r.live_seqs if s.length + 1 < self.max_context]
-        if self.pause_background and any(not r.handle.background for r, _ in live):
+        if self.priority.pauses_background(any(not r.handle.background for r, _ in live)):
             live = [(r, s) for r, s in live if not r.handle.background]  # they sit out
         if not live:
             return None
