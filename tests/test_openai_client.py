@@ -269,7 +269,8 @@ def test_models_retrieve_names_with_slashes_unknown_ids_and_keys(stack: Stack) -
     for name in ("org/Fake-1.5", "plain"):
         model = client.models.retrieve(name)  # the client sends "/" as %2F
         assert (model.id, model.object) == (name, "model")
-        assert model.model_extra == {"max_model_len": 4096, "workers": 1, "weights": []}
+        extra = {"max_model_len": 4096, "workers": 1, "weights": [], "task": "generate"}
+        assert model.model_extra == extra
     r = httpx.get(
         f"{stack.url}/v1/models/org/Fake-1.5", headers={"Authorization": "Bearer k1"}, timeout=30
     )
