@@ -25,6 +25,8 @@ MAX_N = 16
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on the tokens one request biases
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's)
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's legacy API)
 
 
 def not_supported(what: str) -> PydanticCustomError:
@@ -153,6 +155,10 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def _logprobs(self) -> tuple[int | None, int | None]:
+        """How many alternatives per generated token and per prompt token (None: none)."""
+        return None, None
+
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         # Left out (or null, as OpenAI reads it): not passed on, so the worker applies the
         # model's generation_config default instead of a fixed one.
@@ -171,6 +177,7 @@ class _Common(BaseModel):
         extras["logit_bias"] = {int(k): b for k, b in (self.logit_bias or {}).items()}
         extras["min_tokens"] = self.min_tokens or 0
         extras["include_stop_str_in_output"] = bool(self.include_stop_str_in_output)
+        extras["logprobs"], extras["prompt_logprobs"] = self._logprobs()
         return SamplingParams(
             **given,  # type: ignore[arg-type]
             **extras,  # type: ignore[arg-type]
@@ -209,11 +216,18 @@ class _Common(BaseModel):
 def _check_min_tokens(min_tokens: int | None, max_tokens: int | None) -> None:
     """min_tokens over max_tokens is a 400 (vLLM's), on the min_tokens field."""
     if min_tokens and max_tokens is not None and min_tokens > max_tokens:
-        error = PydanticCustomError(
-            "invalid_value", f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})"
+        _invalid(
+            "min_tokens",
+            min_tokens,
+            f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})",
         )
-        details = InitErrorDetails(type=error, loc=("min_tokens",), input=min_tokens)
-        raise ValidationError.from_exception_data("request", [details])
+
+
+def _invalid(name: str, value: object, message: str) -> None:
+    """A 400 invalid_value on field ``name``, from a check across fields."""
+    error = PydanticCustomError("invalid_value", message)
+    details = InitErrorDetails(type=error, loc=(name,), input=value)
+    raise ValidationError.from_exception_data("request", [details])
 
 
 class ChatCompletionRequest(_Common, refusing("_ChatRefused", CHAT)):  # type: ignore[misc]
@@ -221,19 +235,21 @@ class ChatCompletionRequest(_Common, refusing("_ChatRefused", CHAT)):  # type: i
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | int | None, info: ValidationInfo) -> bool | int | None:
-        if v:
-            raise not_supported(f"{info.field_name}={str(v).lower()} (log probabilities)")
-        return v
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     @model_validator(mode="after")
     def _min_tokens(self) -> ChatCompletionRequest:
         _check_min_tokens(self.min_tokens, self.max_completion_tokens or self.max_tokens)
+        if self.top_logprobs and not self.logprobs:  # 0 asks for nothing
+            _invalid(
+                "top_logprobs",
+                self.top_logprobs,
+                "top_logprobs is only allowed when logprobs is true",
+            )
         return self
+
+    def _logprobs(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
     def to_job(self, timeout: float, request_id: str = "") -> Job:
         messages = [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
@@ -249,9 +265,10 @@ class ChatCompletionRequest(_Common, refusing("_ChatRefused", CHAT)):  # type: i
 
 class CompletionRequest(_Common, refusing("_CompletionRefused", COMPLETION)):  # type: ignore[misc]
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: with echo, the prompt scored
     echo: bool = False
-    logprobs: bool | int | None = None  # legacy: an int, the alternatives per token
+    # legacy: an int, the alternatives per token (false, as some clients send: none)
+    logprobs: bool | Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -275,29 +292,38 @@ class CompletionRequest(_Common, refusing("_CompletionRefused", COMPLETION)):  #
             )
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise not_supported("echo=true (the prompt repeated in the answer)")
-        return v
-
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
-        if v is not None and v is not False:  # logprobs=0 still asks for the chosen token's
-            raise not_supported(f"logprobs={str(v).lower()} (log probabilities)")
+    def _logprobs_count(cls, v: bool | int | None) -> bool | int | None:
+        if v is True:
+            raise PydanticCustomError(
+                "invalid_value",
+                "logprobs on completions is the number of alternatives per token, an "
+                f"integer from 0 to {MAX_COMPLETION_LOGPROBS}",
+            )
         return v
 
     @model_validator(mode="after")
     def _min_tokens(self) -> CompletionRequest:
         _check_min_tokens(self.min_tokens, self.max_tokens)
+        if self.max_tokens == 0 and not self.echo:
+            _invalid("max_tokens", 0, "max_tokens must be at least 1 (0 only with echo=true)")
         return self
+
+    def _logprobs(self) -> tuple[int | None, int | None]:
+        count = None if self.logprobs is None or self.logprobs is False else int(self.logprobs)
+        return count, count if self.echo else None
 
     def to_job(self, timeout: float, request_id: str = "") -> Job:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return self._job(
-            "cmpl", timeout, self.max_tokens, request_id, kind="completion", prompt=prompt
+            "cmpl",
+            timeout,
+            self.max_tokens,
+            request_id,
+            kind="completion",
+            prompt=prompt,
+            echo=self.echo,
         )
 
     @property

@@ -104,7 +104,7 @@ class Run:
             if chunk.error:
                 raise error_from(chunk.error)
             collector.add(chunk)
-        return Formatter(self.job).whole(collector.texts, collector.finish, collector.usage)
+        return Formatter(self.job).collected(collector)
 
     def detach(self) -> None:
         """Leave without cancelling the job: someone else follows it (a batch runner that

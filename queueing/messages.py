@@ -64,7 +64,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = no top-k filter
     seed: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (the prompt scored)
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     n: int = Field(1, ge=1)
@@ -78,6 +78,11 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to logits
     min_tokens: int = Field(0, ge=0)  # stop ids and EOS masked (stop strings unchecked) until
     include_stop_str_in_output: bool = False
+    # log probabilities (workers/logprobs.py): None = none; k = the sampled token's and the
+    # k likeliest alternatives (of the model's raw log-softmax) for each generated token,
+    # and for each prompt token with ``prompt_logprobs`` (echo on completions)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     def neutral(self, name: str) -> bool:
         """Whether field ``name`` is at its do-nothing default."""
@@ -117,6 +122,9 @@ class Job(Message):
     input: list[str | list[int]] | None = Field(None, exclude_if=lambda v: v is None)
     dimensions: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
     params: SamplingParams
+    # completions' echo: the API puts the prompt before each choice's text (the worker
+    # scores the prompt only if ``params.prompt_logprobs`` asks)
+    echo: bool = Field(False, exclude_if=lambda v: not v)
     stream: bool
     created: int
     deadline: float  # unix seconds; a worker drops the job after this
@@ -137,6 +145,8 @@ EXTRA_FIELDS = (
     "logit_bias",
     "min_tokens",
     "include_stop_str_in_output",
+    "logprobs",
+    "prompt_logprobs",
 )
 
 # what this release's workers honour: every sampling field (a later release's API lists a
@@ -144,10 +154,28 @@ EXTRA_FIELDS = (
 KNOWN_NEEDS = frozenset(SamplingParams.model_fields)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes (a part of a character too)
+
+
+class TokenLogprob(TopLogprob):
+    """One token's log probability and its likeliest alternatives; a prompt's first
+    token has none (``logprob`` None)."""
+
+    logprob: float | None  # type: ignore[assignment]
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class ChoiceDelta(BaseModel):
     index: int
     text: str = ""
     finish_reason: str | None = None
+    # the tokens of this delta (SamplingParams.logprobs), and the prompt's tokens in a
+    # choice's first delta (prompt_logprobs): absent unless asked, on the wire too
+    logprobs: list[TokenLogprob] | None = Field(None, exclude_if=lambda v: v is None)
+    prompt_logprobs: list[TokenLogprob] | None = Field(None, exclude_if=lambda v: v is None)
     # an embed job's vector for input ``index``: base64 of little-endian float32, the bytes
     # OpenAI's encoding_format=base64 sends (absent for generation, on the wire too)
     embedding: str | None = Field(None, exclude_if=lambda v: v is None)

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
+from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams, TokenLogprob
 
 from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from .hf_engine import eos_ids
 from .llama_runner import LlamaRunner
+from .logprobs import Namer, Scored, prompt_entries
 from .penalties import TokenHistory, check_logit_bias, needs_history
 from .priority import HELD_POLL_S, Priority
 from .prompts import encode_prompt
@@ -53,6 +54,7 @@ class _Run:
     generated: int = 0
     completion_tokens: int = 0
     ended: bool = False
+    prompt_scores: list[TokenLogprob] | None = None  # echo: sent with each first delta
 
     @property
     def done(self) -> bool:
@@ -77,6 +79,7 @@ class BatchEngine(ThreadedEngine):
         self.max_context = min(max_len or config_len, config_len)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids(model, tokenizer)
+        self.namer = Namer(tokenizer)
         self.runner = LlamaRunner(model, slots, self.max_context)
         self.runner.capture_graphs()
         self.device = self.runner.device
@@ -216,9 +219,13 @@ class BatchEngine(ThreadedEngine):
     def _prefill(self, admitted: list[tuple[_Run, list[int]]]) -> None:
         """One forward pass for every admitted prompt, one sampling pass for their first
         tokens, one wait for the device."""
-        logits = self.runner.prefill_batch(
-            [r.seqs[0].slot for r, _ in admitted], [ids for _, ids in admitted]
+        scored = [row for row, (r, _) in enumerate(admitted) if _prompt_k(r) is not None]
+        logits, full = self.runner.prefill_scored(
+            [r.seqs[0].slot for r, _ in admitted], [ids for _, ids in admitted], scored
         )
+        for row in scored:
+            run, ids = admitted[row]
+            run.prompt_scores = prompt_entries(self.namer, full[row], ids, _prompt_k(run) or 0)
         rows: list[int] = []
         params: list[SamplingParams | None] = []
         generators: list[torch.Generator | None] = []
@@ -243,11 +250,41 @@ class BatchEngine(ThreadedEngine):
             histories,
             stops,
         )
-        firsts = iter(picked.tolist())
+        scores = self._score(logits[_to(self.device, rows)], picked, [r for r, _ in admitted])
+        firsts = iter(zip(picked.tolist(), scores, strict=True))
         for run, _ in admitted:
-            event = self._advance(run, [next(firsts) for _ in run.seqs])
+            tokens, entries = zip(*[next(firsts) for _ in run.seqs], strict=True)
+            if run.max_tokens == 0:  # echo's scoring alone: nothing generated
+                event = self._scored_only(run)
+            else:
+                event = self._advance(run, list(tokens), list(entries))
             if event:
                 run.handle.put(event)
+
+    def _score(
+        self, logits: torch.Tensor, picked: torch.Tensor, runs: list[_Run]
+    ) -> list[TokenLogprob | None]:
+        """The raw log probabilities of each row's picked token (rows: the runs' choices
+        in order), for the runs that ask; None for the others."""
+        ks = [r.job.params.logprobs for r in runs for _ in r.seqs]
+        want = [row for row, k in enumerate(ks) if k is not None]
+        out: list[TokenLogprob | None] = [None] * len(ks)
+        if not want:
+            return out
+        index = _to(self.device, want)
+        scored = Scored(logits[index], picked[index], max(ks[row] or 0 for row in want))
+        for row, (token, lp, top) in zip(want, scored.rows(), strict=True):
+            out[row] = self.namer.entry(token, lp, top[: ks[row]])
+        return out
+
+    def _scored_only(self, run: _Run) -> EngineEvent:
+        for seq in run.seqs:
+            seq.finish = "length"
+        deltas = [
+            ChoiceDelta(index=i, finish_reason="length", prompt_logprobs=run.prompt_scores)
+            for i in range(len(run.seqs))
+        ]
+        return EngineEvent(deltas, run.prompt_len, 0)
 
     def _end_finished(self, running: list[_Run]) -> list[_Run]:
         for run in running:
@@ -305,11 +342,12 @@ class BatchEngine(ThreadedEngine):
         for _, s in live:
             s.length += 1
             s.on_device = True
-        return _Step(live, picked)
+        return _Step(live, picked, _launch_scores(logits, picked, live))
 
     def _finish_step(self, step: _Step) -> None:
         """Wait for a launched step's tokens; emit text and finish reasons."""
         picked = step.tokens()
+        scores = step.scores(self.namer)
         by_run: dict[int, tuple[_Run, list[int]]] = {}
         for run, s in step.live:
             if run.ended or s.finish is not None:
@@ -318,17 +356,21 @@ class BatchEngine(ThreadedEngine):
         events = []
         for run, _ in by_run.values():
             tokens = [picked[s.slot] if s.finish is None else 0 for s in run.seqs]
-            event = self._advance(run, tokens)
+            entries = [scores.get(s.slot) for s in run.seqs]
+            event = self._advance(run, tokens, entries)
             if event:
                 events.append((run.handle, event))
         if events:
             JobHandle.put_all(events[0][0].loop, events)
 
-    def _advance(self, run: _Run, tokens: list[int]) -> EngineEvent | None:
-        """Take one new token per live choice; emit text and finish reasons."""
+    def _advance(
+        self, run: _Run, tokens: list[int], entries: list[TokenLogprob | None]
+    ) -> EngineEvent | None:
+        """Take one new token per live choice; emit text, log probabilities (``entries``:
+        each token's, None where not asked) and finish reasons."""
         run.generated += 1
         deltas = []
-        for seq, token in zip(run.seqs, tokens, strict=True):
+        for seq, token, entry in zip(run.seqs, tokens, entries, strict=True):
             if seq.finish is not None:
                 continue
             run.completion_tokens += 1
@@ -342,9 +384,13 @@ class BatchEngine(ThreadedEngine):
                     seq.finish = "stop"
                 elif run.generated >= run.max_tokens or seq.length + 1 >= self.max_context:
                     text, seq.finish = text + seq.tracker.flush(), "length"
-            if text or seq.finish:
+            first = run.generated == 1 and run.prompt_scores is not None
+            if text or seq.finish or entry is not None or first:
                 index = run.seqs.index(seq)
-                deltas.append(ChoiceDelta(index=index, text=text, finish_reason=seq.finish))
+                delta = ChoiceDelta(index=index, text=text, finish_reason=seq.finish)
+                delta.logprobs = None if entry is None else [entry]
+                delta.prompt_logprobs = run.prompt_scores if first else None
+                deltas.append(delta)
         if not deltas:
             return None
         return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
@@ -366,12 +412,35 @@ class BatchEngine(ThreadedEngine):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _prompt_k(run: _Run) -> int | None:
+    return run.job.params.prompt_logprobs
+
+
+def _launch_scores(
+    logits: torch.Tensor, picked: torch.Tensor, live: list[tuple[_Run, _Seq]]
+) -> tuple[Scored, list[int], list[int]] | None:
+    """Launched with the step: the log probabilities of the slots whose jobs ask, their
+    slots and each one's top count."""
+    want = [(s.slot, r.job.params.logprobs) for r, s in live if r.job.params.logprobs is not None]
+    if not want:
+        return None
+    slots, ks = [w[0] for w in want], [w[1] or 0 for w in want]
+    index = _to(logits.device, slots)
+    return Scored(logits[index], picked[index], max(ks)), slots, ks
+
+
 class _Step:
     """A launched decode step: its sampled tokens are copied to the host asynchronously."""
 
-    def __init__(self, live: list[tuple[_Run, _Seq]], picked: torch.Tensor) -> None:
+    def __init__(
+        self,
+        live: list[tuple[_Run, _Seq]],
+        picked: torch.Tensor,
+        scored: tuple[Scored, list[int], list[int]] | None = None,
+    ) -> None:
         self.live = live
         self.picked = picked
+        self.scored = scored
         if picked.is_cuda:
             self._host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
             self._host.copy_(picked, non_blocking=True)
@@ -384,6 +453,16 @@ class _Step:
         if self.picked.is_cuda:
             self._ready.synchronize()
         return self._host.tolist()
+
+    def scores(self, namer: Namer) -> dict[int, TokenLogprob]:
+        """Each asking slot's token with its log probability and top alternatives."""
+        if self.scored is None:
+            return {}
+        scored, slots, ks = self.scored
+        return {
+            slot: namer.entry(token, lp, top[:k])
+            for slot, k, (token, lp, top) in zip(slots, ks, scored.rows(), strict=True)
+        }
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:  # type: ignore[type-arg]

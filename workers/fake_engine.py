@@ -71,7 +71,9 @@ class FakeEngine(Engine):
         if "POISON" in prompt:
             raise RuntimeError("poison job: the fake engine refuses this prompt")
         prompt_tokens = len(prompt.split())
-        max_tokens = job.params.max_tokens or DEFAULT_MAX_TOKENS
+        max_tokens = job.params.max_tokens
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS
         if prompt_tokens + max_tokens > self.max_context:
             raise InvalidRequest(
                 "prompt and max_tokens exceed the context", "context_length_exceeded"
@@ -84,6 +86,9 @@ class FakeEngine(Engine):
         start = getattr(job, "continued_tokens", 0)
         if start and job.params.max_tokens is None:
             max_tokens -= start
+        if max_tokens == 0:  # echo alone: the prompt is the answer
+            deltas = [ChoiceDelta(index=c, finish_reason="length") for c in range(n)]
+            handle.put(EngineEvent(deltas, prompt_tokens, 0))
         for i in range(start, start + max_tokens):
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)

@@ -6,16 +6,23 @@ whose logits never change: id 0 is EOS (no text), ids 1 to 7 are the words ``w1 
 ``w7 ``, with logits ``LOGITS``. The real sampler (sampling.py, penalties.py) picks every
 token, so an expectation worked out by hand from ``LOGITS`` holds through the API: plain
 greedy is ``w1`` forever; a frequency penalty of 1.5 gives ``w1 w2 w1 w3``. Words of the
-prompt of the form ``wK`` are its tokens (for the repetition penalty).
+prompt of the form ``wK`` are its tokens (for the repetition penalty). Log probabilities
+are LOGITS' log-softmax, whatever the adjustments (the raw ones, as vLLM's); echo scores
+each prompt word ``wK`` by it too (any other word: -9999), the first word by none.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING, Any
 
-from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
+from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams, TokenLogprob
 
 from .engine import EngineEvent, JobHandle
+from .logprobs import FLOOR, Namer, Scored, prompt_entries
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 EOS = 0
 LOGITS = [2.0, 7.0, 6.0, 5.0, 4.0, 3.0, 1.0, 0.0]
@@ -64,6 +71,16 @@ async def generate_words(
     def decode(ids: list[int]) -> str:
         return "".join(word(t) for t in ids)
 
+    namer = Namer(_Words())
+    if params.prompt_logprobs is not None:
+        scores = _prompt_scores(namer, prompt, params.prompt_logprobs)
+        if max_tokens == 0:
+            deltas = [ChoiceDelta(index=c, finish_reason="length") for c in range(n)]
+            for d in deltas:
+                d.prompt_logprobs = scores
+            handle.put(EngineEvent(deltas, len(prompt.split()), 0))
+            return
+
     trackers = [
         TextTracker(decode, params.stop, params.include_stop_str_in_output, params.min_tokens)
         for _ in range(n)
@@ -74,7 +91,9 @@ async def generate_words(
         if delay:
             await asyncio.sleep(delay)
         deltas = []
-        for c, token in enumerate(sampler(logits).tolist()):
+        picked = sampler(logits)
+        entries = _entries(namer, logits, picked, params.logprobs)
+        for c, token in enumerate(picked.tolist()):
             if finish[c] is not None:
                 continue
             used += 1
@@ -86,9 +105,42 @@ async def generate_words(
                     finish[c] = "stop"
                 elif step == max_tokens - 1:
                     text, finish[c] = text + trackers[c].flush(), "length"
-            if text or finish[c]:
-                deltas.append(ChoiceDelta(index=c, text=text, finish_reason=finish[c]))
+            if text or finish[c] or entries[c] is not None or step == 0:
+                delta = ChoiceDelta(index=c, text=text, finish_reason=finish[c])
+                delta.logprobs = None if entries[c] is None else [entries[c]]
+                if step == 0 and params.prompt_logprobs is not None:
+                    delta.prompt_logprobs = scores
+                deltas.append(delta)
         if deltas:
             handle.put(EngineEvent(deltas, len(prompt.split()), used))
         if all(finish):
             return
+
+
+class _Words:
+    """What Namer needs of a tokenizer: the words' decode."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(word(t) for t in ids)
+
+
+def _entries(namer: Namer, logits: Tensor, picked: Tensor, k: int | None) -> list[Any]:
+    if k is None:
+        return [None] * len(picked)
+    rows = Scored(logits, picked, k).rows()
+    return [namer.entry(token, lp, top) for token, lp, top in rows]
+
+
+def _prompt_scores(namer: Namer, prompt: str, k: int) -> list[TokenLogprob]:
+    import torch
+
+    ids = [int(w[1:]) if w in _IDS else EOS for w in prompt.split()]
+    out = prompt_entries(namer, torch.tensor([LOGITS] * len(ids)), ids, k)
+    for entry, w, token in zip(out, prompt.split(), ids, strict=True):
+        entry.token, entry.bytes = w + " ", list((w + " ").encode())
+        if token == EOS and entry.logprob is not None:
+            entry.logprob = FLOOR
+    return out
+
+
+_IDS = {f"w{i}" for i in range(1, len(LOGITS))}

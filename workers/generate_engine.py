@@ -20,6 +20,7 @@ from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
 
 from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine
 from .hf_engine import eos_ids
+from .logprobs import refuse_logprobs
 from .penalties import LogitAdjuster, TokenHistory, check_logit_bias, needs_history
 from .prompts import encode_prompt
 from .text import TextTracker
@@ -121,6 +122,7 @@ class GenerateEngine(ThreadedEngine):
         ids = encode_prompt(self.tokenizer, job)
         params = job.params
         check_logit_bias(params, int(self.model.config.vocab_size))
+        refuse_logprobs(job, self.name)  # not scored here (logprobs.py)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         streamer = _Streamer(self, job, handle, len(ids), stop_ids)
         max_new = params.max_tokens or max(1, self.max_context - len(ids))

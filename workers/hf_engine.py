@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
 
 from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
+from .logprobs import refuse_logprobs
 from .penalties import LogitAdjuster, TokenHistory, check_logit_bias, needs_history
 from .prompts import encode_prompt
 from .sampling import make_generator, sample
@@ -92,6 +93,7 @@ class HFEngine(ThreadedEngine):
             params = job.params
             n = params.n
             check_logit_bias(params, int(self.model.config.vocab_size))
+            refuse_logprobs(job, self.name)  # not scored here (logprobs.py)
             r = _Running(
                 job=job,
                 handle=handle,

@@ -11,6 +11,7 @@ On CUDA the decode step of each batch size is captured once in a CUDA graph.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,22 @@ class LlamaRunner:
         """Run a prompt into ``slot``'s cache; returns the last position's logits (vocab,)."""
         return self.prefill_batch([slot], [ids])[0]
 
-    @torch.inference_mode()
     def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> Tensor:
+        """Run several prompts, each into its slot, in one forward pass; returns each
+        prompt's last logits (B, vocab)."""
+        return self.prefill_scored(slots, prompts)[0]
+
+    @torch.inference_mode()
+    def prefill_scored(
+        self, slots: list[int], prompts: list[list[int]], every: Collection[int] = ()
+    ) -> tuple[Tensor, dict[int, Tensor]]:
         """Run several prompts, each into its slot, in one forward pass.
 
         Prompts are right-padded to the longest: with causal attention a real token never
         sees the padding after it, and the padding's cache entries lie past the prompt,
-        where decoding overwrites them. Returns each prompt's last logits (B, vocab).
+        where decoding overwrites them. Returns each prompt's last logits (B, vocab), and
+        for the rows in ``every`` (prompts to score: echo with logprobs) the logits of
+        every position, (len, vocab) each.
         """
         batch, width = len(prompts), max(len(p) for p in prompts)
         tokens = torch.zeros(batch, width, dtype=torch.long)
@@ -110,7 +120,8 @@ class LlamaRunner:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = self._finish_layer(layer, x, attn.transpose(1, 2).reshape(batch, width, -1))
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(x[torch.arange(batch, device=self.device), last])
+        full = {row: self._logits(x[row, : len(prompts[row])]) for row in every}
+        return self._logits(x[torch.arange(batch, device=self.device), last]), full
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Share a prefilled prompt with another slot (the n choices of one request)."""

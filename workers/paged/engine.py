@@ -19,6 +19,7 @@ from tokenrelay.queueing.messages import Job, SamplingParams
 
 from ..engine import InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from ..hf_engine import eos_ids
+from ..logprobs import refuse_logprobs
 from ..penalties import TokenHistory, check_logit_bias, needs_history
 from ..priority import HELD_POLL_S, Priority
 from ..prompts import encode_prompt
@@ -222,6 +223,7 @@ class PagedEngine(ThreadedEngine):
             ids = encode_prompt(self.tokenizer, job)
             params = job.params
             check_logit_bias(params, self.history.vocab)
+            refuse_logprobs(job, self.name)  # not scored here (logprobs.py)
             run = Run(
                 job=job,
                 handle=handle,
