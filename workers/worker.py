@@ -439,6 +439,9 @@ def _merge(
             cur = merged.setdefault(d.index, ChoiceDelta(index=d.index))
             cur.text += d.text
             cur.finish_reason = d.finish_reason or cur.finish_reason
+            for name in ("prompt_logprobs", "logprobs"):  # workers/logprobs.py: if asked
+                if getattr(d, name) is not None:
+                    setattr(cur, name, (getattr(cur, name) or []) + getattr(d, name))
     return [merged[i] for i in sorted(merged)]
 
 
