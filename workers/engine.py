@@ -52,10 +52,10 @@ class JobHandle:
     _queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     def put(self, item: EngineEvent | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        _call_soon(self.loop, self._queue.put_nowait, item)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+        _call_soon(self.loop, self._queue.put_nowait, _END)
 
     @staticmethod
     def put_all(
@@ -68,7 +68,7 @@ class JobHandle:
                 handle._queue.put_nowait(event)
 
         if items:
-            loop.call_soon_threadsafe(deliver)
+            _call_soon(loop, deliver)
 
     async def stream(self) -> AsyncIterator[list[EngineEvent]]:
         """Batches of events: whatever is ready at once, so a busy engine is not flushed
@@ -88,6 +88,17 @@ class JobHandle:
                 assert isinstance(item, EngineEvent)
                 events.append(item)
             yield events
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: object) -> None:
+    """Hand ``callback`` to the job's event loop from the engine thread. A loop that has
+    closed has no reader left for the stream: dropping the item beats killing the engine
+    thread with the RuntimeError."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
 
 
 class Engine(ABC):
