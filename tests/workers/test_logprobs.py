@@ -1,8 +1,8 @@
-"""Log probabilities on the real SmolLM2 in the batch engine: each generated token's equals
-the log-softmax of transformers' own logits for it (so their sum is the model's
-log-likelihood of the text), top alternatives are sorted with the greedy token first, echo
-with max_tokens=0 scores every prompt token as a full forward pass does; engines that do
-not score tokens refuse such jobs with a 400."""
+"""Log probabilities on the real SmolLM2 in the batch and paged engines: each generated
+token's equals the log-softmax of transformers' own logits for it (so their sum is the
+model's log-likelihood of the text), top alternatives are sorted with the greedy token
+first, echo with max_tokens=0 scores every prompt token as a full forward pass does;
+engines that do not score tokens refuse such jobs with a 400."""
 
 from __future__ import annotations
 
@@ -15,14 +15,22 @@ from tokenrelay.queueing.messages import Job, SamplingParams, TokenLogprob
 from tokenrelay.workers.batch_engine import BatchEngine
 from tokenrelay.workers.engine import Engine, InvalidRequest
 from tokenrelay.workers.logprobs import Namer
+from tokenrelay.workers.paged.engine import PagedEngine
 
 from .engine_helpers import QUESTIONS, chat_job
 
 
-@pytest.fixture(scope="module")
-def engine(model_and_tokenizer):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["batch", "paged", "paged-3-steps"])
+def engine(request, model_and_tokenizer):  # type: ignore[no-untyped-def]
+    """The batch engine; the paged one with a step a launch and with three."""
     model, tokenizer = model_and_tokenizer
-    eng = BatchEngine(model, tokenizer, slots=4, max_len=512)
+    if request.param == "batch":
+        eng: Engine = BatchEngine(model, tokenizer, slots=4, max_len=512)
+    else:
+        steps = 3 if request.param == "paged-3-steps" else 1
+        eng = PagedEngine(
+            model, tokenizer, num_blocks=128, max_seqs=4, max_len=512, steps_per_launch=steps
+        )
     yield eng
     eng.close()
 
@@ -129,9 +137,9 @@ def test_engines_that_do_not_score_refuse() -> None:
     from tokenrelay.workers.logprobs import refuse_logprobs
 
     with pytest.raises(InvalidRequest, match="not supported") as info:
-        refuse_logprobs(completion_job("x", logprobs=1), "paged")
+        refuse_logprobs(completion_job("x", logprobs=1), "hf")
     assert info.value.param == "logprobs"
     with pytest.raises(InvalidRequest) as info:
-        refuse_logprobs(completion_job("x", max_tokens=0), "paged")
+        refuse_logprobs(completion_job("x", max_tokens=0), "hf")
     assert info.value.param == "max_tokens"
-    refuse_logprobs(completion_job("x", max_tokens=4), "paged")
+    refuse_logprobs(completion_job("x", max_tokens=4), "hf")

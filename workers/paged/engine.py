@@ -19,7 +19,7 @@ from tokenrelay.queueing.messages import Job, SamplingParams
 
 from ..engine import InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
 from ..hf_engine import eos_ids
-from ..logprobs import refuse_logprobs
+from ..logprobs import Namer, prompt_entries
 from ..penalties import TokenHistory, check_logit_bias, needs_history
 from ..priority import HELD_POLL_S, Priority
 from ..prompts import encode_prompt
@@ -29,8 +29,9 @@ from .blocks import BlockManager, BlockTable, OutOfBlocks
 from .cache import BLOCK_SIZE, CacheShape, KVCache
 from .clock import LoopClock
 from .graphs import PREFILL_SEQS
-from .output import advance, fast_decoder
+from .output import advance, fast_decoder, scored_only
 from .runner import ModelRunner, SeqInput, to_device
+from .scoring import StepScores
 from .sequences import Run, Seq, Step
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class PagedEngine(ThreadedEngine):
         self.tokenizer = tokenizer
         self._decode = fast_decoder(tokenizer) or self._decode  # type: ignore[method-assign]
         self.eos_ids = eos_ids(model, tokenizer)
+        self.namer = Namer(tokenizer)
         self.max_context = max_len
         self.max_seqs = max_seqs
         device = next(model.parameters()).device
@@ -223,7 +225,6 @@ class PagedEngine(ThreadedEngine):
             ids = encode_prompt(self.tokenizer, job)
             params = job.params
             check_logit_bias(params, self.history.vocab)
-            refuse_logprobs(job, self.name)  # not scored here (logprobs.py)
             run = Run(
                 job=job,
                 handle=handle,
@@ -268,7 +269,8 @@ class PagedEngine(ThreadedEngine):
         firsts = [r.seqs[0] for r in fresh]
         for seq in firsts:
             self.blocks.allocate(seq.table, len(seq.tokens) + 1)
-        logits = self._fill_many(firsts)
+        scoring = {id(r.seqs[0]): r for r in fresh if r.job.params.prompt_logprobs is not None}
+        logits = self._fill_many(firsts, scoring)
         rows: list[int] = []
         params: list[SamplingParams | None] = []
         generators: list[torch.Generator | None] = []
@@ -296,18 +298,34 @@ class PagedEngine(ThreadedEngine):
         for run in fresh:
             for seq in run.seqs:
                 seq.on_device = True
+            if run.max_tokens == 0:  # echo's scoring alone: nothing generated
+                run.handle.put(scored_only(run, self.blocks))
         # the first tokens stay on the device: the next launch reads them from there and
         # the host turns them into text after it (see _loop)
-        self._prefilled.append(Step([(r, s) for r in fresh for s in r.seqs], picked[None]))
+        scores = StepScores.asked(seqs)
+        if scores is not None:
+            scores.add(logits[to_device(self.device, rows)], picked)
+        self._prefilled.append(Step(seqs, picked[None], scores))
 
-    def _fill_many(self, seqs: list[Seq]) -> torch.Tensor:
-        """Prefill whole prompts, packed while they fit the budget; last logits of each."""
+    def _fill_many(self, seqs: list[Seq], scoring: dict[int, Run]) -> torch.Tensor:
+        """Prefill whole prompts, packed while they fit the budget; last logits of each.
+        A prompt to score (``scoring``: its run by the sequence's id) goes alone, with the
+        logits of every position, and its run gets the prompt's entries."""
         out: list[torch.Tensor] = []
         group: list[SeqInput] = []
         size = 0
-        for seq in seqs:
-            if len(seq.tokens) > self.prefill_budget:
+        alone = [s for s in seqs if len(s.tokens) > self.prefill_budget or id(s) in scoring]
+        for seq in alone:
+            run = scoring.get(id(seq))
+            if run is None:
                 out.append(self._fill(seq, seq.tokens))
+                continue
+            full = self._fill(seq, seq.tokens, every=True)
+            k = run.job.params.prompt_logprobs or 0
+            run.prompt_scores = prompt_entries(self.namer, full, seq.tokens, k)
+            out.append(full[-1:])
+        for seq in seqs:
+            if id(seq) in {id(s) for s in alone}:
                 continue
             full = size + len(seq.tokens) > self.prefill_budget or len(group) == PREFILL_SEQS
             if full and group:
@@ -318,19 +336,22 @@ class PagedEngine(ThreadedEngine):
         if group:
             out.append(self.runner.forward(group))
         # restore the order of ``seqs``: long prompts went first
-        order = [s for s in seqs if len(s.tokens) > self.prefill_budget]
-        order += [s for s in seqs if len(s.tokens) <= self.prefill_budget]
+        order = alone + [s for s in seqs if all(s is not a for a in alone)]
         logits = torch.cat(out)
         index = {id(s): i for i, s in enumerate(order)}
         return logits[to_device(self.device, [index[id(s)] for s in seqs])]
 
-    def _fill(self, seq: Seq, tokens: list[int]) -> torch.Tensor:
-        """Run ``tokens`` into the cache from position 0 in budget-sized chunks."""
-        logits = torch.empty(0)
+    def _fill(self, seq: Seq, tokens: list[int], every: bool = False) -> torch.Tensor:
+        """Run ``tokens`` into the cache from position 0 in budget-sized chunks; the last
+        logits, or (``every``) those of every position."""
+        logits, parts = torch.empty(0), []
         for start in range(0, len(tokens), self.prefill_budget):
-            chunk = tokens[start : start + self.prefill_budget]
-            logits = self.runner.forward([SeqInput(chunk, start, seq.table.blocks)])
-        return logits
+            chunk = [SeqInput(tokens[start : start + self.prefill_budget], start, seq.table.blocks)]
+            if every:
+                parts.append(self.runner.forward_eager(chunk, every=True))
+            else:
+                logits = self.runner.forward(chunk)
+        return torch.cat(parts) if every else logits
 
     def _fork(self, first: Seq, seq: Seq) -> None:
         """Another choice of the same prompt: share its full blocks, copy the last one."""
@@ -423,11 +444,13 @@ class PagedEngine(ThreadedEngine):
             rows=[s.history for _, s in live],
             stop_ids=[r.stop_ids for r, _ in live],
         )
-        picked = self.runner.decode_steps(tokens, inputs, steps, sample)
+        scores = StepScores.asked(live)
+        scored = sample if scores is None else scores.wrap(sample)
+        picked = self.runner.decode_steps(tokens, inputs, steps, scored)
         for _, s in live:
             s.length += steps
             s.on_device = True
-        return Step(live, picked)
+        return Step(live, picked, scores)
 
     def _finish_step(self, step: Step) -> None:
         """Wait for a launched run of steps; emit each job's new text and finish reasons,
@@ -440,10 +463,12 @@ class PagedEngine(ThreadedEngine):
                 continue
             runs.setdefault(id(run), (run, {}))[1][id(s)] = row
         columns = list(zip(*picked, strict=True))  # per row: its token at each step
+        scores = step.scores.entries(self.namer) if step.scores is not None else {}
         events = []
         for run, rows in runs.values():
             got = [list(columns[rows[id(s)]]) if id(s) in rows else [] for s in run.seqs]
-            event = advance(run, got, self.max_context, self.blocks)
+            entries = [scores.get(rows.get(id(s), -1)) for s in run.seqs]
+            event = advance(run, got, self.max_context, self.blocks, entries)
             if event:
                 events.append((run.handle, event))
         if events:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from tokenrelay.queueing.messages import ChoiceDelta
+from tokenrelay.queueing.messages import ChoiceDelta, TokenLogprob
 
 from ..engine import EngineEvent
 from .blocks import BlockManager
@@ -16,27 +16,51 @@ from .sequences import Run, Seq
 
 
 def advance(
-    run: Run, tokens: list[list[int]], max_context: int, blocks: BlockManager
+    run: Run,
+    tokens: list[list[int]],
+    max_context: int,
+    blocks: BlockManager,
+    entries: list[list[TokenLogprob] | None] | None = None,
 ) -> EngineEvent | None:
     """Take each live choice's new tokens (one a step, ``tokens[index]``); emit their
-    text and finish reasons."""
+    text, log probabilities (``entries[index]``, one a step, where asked) and finish
+    reasons. A choice's first delta carries the prompt's scores (echo)."""
     steps = max(map(len, tokens), default=0)
     deltas = []
+    first = run.generated == 0 and run.prompt_scores is not None
     for index, (seq, new) in enumerate(zip(run.seqs, tokens, strict=True)):
         if seq.finish is not None or not new:
             continue
         text, taken = take(run, seq, new, max_context)
         run.completion_tokens += taken
-        if text or seq.finish:
-            deltas.append(
-                ChoiceDelta.model_construct(index=index, text=text, finish_reason=seq.finish)
+        scores = entries[index] if entries else None
+        if text or seq.finish or scores is not None or first:
+            delta = ChoiceDelta.model_construct(
+                index=index,
+                text=text,
+                finish_reason=seq.finish,
+                logprobs=None if scores is None else scores[:taken],
+                prompt_logprobs=run.prompt_scores if first else None,
             )
+            deltas.append(delta)
         if seq.finish is not None:
             blocks.free(seq.table)
     run.generated += steps
     if not deltas:
         return None
     return EngineEvent(deltas, run.prompt_len, run.completion_tokens)
+
+
+def scored_only(run: Run, blocks: BlockManager) -> EngineEvent:
+    """A job of echo's scoring alone (max_tokens 0): the prompt's entries, nothing more."""
+    for seq in run.seqs:
+        seq.finish = "length"
+        blocks.free(seq.table)
+    deltas = [
+        ChoiceDelta(index=i, finish_reason="length", prompt_logprobs=run.prompt_scores)
+        for i in range(len(run.seqs))
+    ]
+    return EngineEvent(deltas, run.prompt_len, 0)
 
 
 def take(run: Run, seq: Seq, new: list[int], max_context: int) -> tuple[str, int]:

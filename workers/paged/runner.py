@@ -89,7 +89,10 @@ class ModelRunner:
             return graph.logits[: len(seqs)].clone()  # the next replay overwrites them
         return self.forward_eager(seqs)
 
-    def forward_eager(self, seqs: list[SeqInput]) -> Tensor:
+    @torch.inference_mode()
+    def forward_eager(self, seqs: list[SeqInput], every: bool = False) -> Tensor:
+        """Logits of each sequence's last new token, or (``every``: a prompt to score) of
+        every new token, (sum of lengths, vocab)."""
         lengths = [len(s.tokens) for s in seqs]
         starts = [0]
         for n in lengths:
@@ -122,7 +125,9 @@ class ModelRunner:
         return self._run(
             to_device(self.device, tokens)[None],
             to_device(self.device, positions)[None],
-            to_device(self.device, [n - 1 for n in starts[1:]]),
+            to_device(
+                self.device, list(range(starts[-1])) if every else [n - 1 for n in starts[1:]]
+            ),
             paged,
         )
 

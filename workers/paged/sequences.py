@@ -4,10 +4,11 @@ decode step whose tokens are still on their way to the host."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from tokenrelay.queueing.messages import Job
+from tokenrelay.queueing.messages import Job, TokenLogprob
 
 from ..engine import JobHandle
 from ..text import TextTracker
@@ -39,6 +40,7 @@ class Run:
     completion_tokens: int = 0
     ended: bool = False
     fresh: bool = True  # not prefilled yet
+    prompt_scores: list[TokenLogprob] | None = None  # echo: sent with each first delta
 
     @property
     def live_seqs(self) -> list[Seq]:
@@ -53,9 +55,12 @@ class Step:
     """A launched run of decode steps: their (steps, B) sampled tokens are copied to the
     host asynchronously."""
 
-    def __init__(self, live: list[tuple[Run, Seq]], picked: torch.Tensor) -> None:
+    def __init__(
+        self, live: list[tuple[Run, Seq]], picked: torch.Tensor, scores: Any = None
+    ) -> None:
         self.live = live
         self.picked = picked
+        self.scores = scores  # scoring.StepScores of the rows that ask, or None
         if picked.is_cuda:
             self._host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
             self._host.copy_(picked, non_blocking=True)
