@@ -124,6 +124,7 @@ def continued(job: Job, sent: Sent) -> ContinuedJob:
     if params.max_tokens is not None:
         params.max_tokens = max(1, params.max_tokens - sent.usage.completion_tokens)
     params.min_tokens = max(0, params.min_tokens - sent.usage.completion_tokens)
+    params.prompt_logprobs = None  # echo's prompt scores went out with the first tokens
     data = job.model_dump()
     data["params"] = params
     return ContinuedJob(
