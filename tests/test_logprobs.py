@@ -6,7 +6,10 @@ request (echo, logprobs=0, max_tokens=0)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +212,20 @@ def test_loglikelihood_request_scores_a_continuation(client: openai.OpenAI, hf: 
     ]
     assert scored == pytest.approx(ref, abs=2e-3)
     assert sum(scored) == pytest.approx(sum(ref), abs=1e-2)
+
+
+def test_readme_example_runs_as_written(model_stack: Stack, hf: Any) -> None:
+    """README's Log probabilities example, against this stack instead of port 8000."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Log probabilities and echo", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    source = code.group(1).replace("http://127.0.0.1:8000", model_stack.url)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(source, "README.md", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 9 and lines[0].startswith("'The' ")
+    context = list(hf[1]("The capital of France is")["input_ids"])
+    ref = _loglik(hf, list(hf[1]("The capital of France is Paris")["input_ids"]), len(context))
+    assert float(lines[-1]) == pytest.approx(sum(ref), abs=1e-2)
