@@ -57,7 +57,8 @@ async def require_key(request: Request) -> None:
     if settings.max_prompt_chars > 0:
         chars = prompt_chars(body)
         if chars > settings.max_prompt_chars:
-            field = "prompt" if isinstance(body, dict) and "prompt" in body else "messages"
+            fields = [f for f in ("prompt", "input") if isinstance(body, dict) and f in body]
+            field = fields[0] if fields else "messages"
             raise prompt_too_long(chars, settings.max_prompt_chars, field)
     if limiter is not None and limiter.enabled:
         client = request.client.host if request.client else None

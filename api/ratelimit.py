@@ -72,6 +72,8 @@ def estimate_tokens(body: Any) -> int:
     if not isinstance(body, dict):
         return 1
     chars = prompt_chars(body)
+    if "input" in body and "messages" not in body and "prompt" not in body:
+        return chars // CHARS_PER_TOKEN + 1 + _token_ids(body["input"])  # embeddings: no output
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if "prompt" in body and "max_tokens" not in body:
         max_tokens = 16  # /v1/completions' default
@@ -82,16 +84,25 @@ def estimate_tokens(body: Any) -> int:
     return chars // CHARS_PER_TOKEN + 1 + n * max_tokens
 
 
+def _token_ids(value: Any) -> int:
+    """Token ids in an embeddings ``input`` (ids, or lists of them)."""
+    if not isinstance(value, list):
+        return 0
+    return sum(len(v) if isinstance(v, list) else isinstance(v, int) for v in value)
+
+
 def prompt_chars(body: Any) -> int:
-    """Characters of the prompt or of all message contents; 0 for shapes validation rejects."""
+    """Characters of the prompt, the embeddings' inputs or all message contents; 0 for
+    shapes validation rejects."""
     if not isinstance(body, dict):
         return 0
     total = 0
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        total += len(prompt)
-    elif isinstance(prompt, list):
-        total += sum(len(p) for p in prompt if isinstance(p, str))
+    for name in ("prompt", "input"):  # input: /v1/embeddings' texts
+        prompt = body.get(name)
+        if isinstance(prompt, str):
+            total += len(prompt)
+        elif isinstance(prompt, list):
+            total += sum(len(p) for p in prompt if isinstance(p, str))
     messages = body.get("messages")
     if isinstance(messages, list):
         for m in messages:

@@ -268,3 +268,13 @@ def test_a_batch_of_embeddings_lines(client: openai.OpenAI, reference: Any) -> N
     np.testing.assert_allclose(np.frombuffer(raw, "<f4"), reference(TEXTS[2:3])[0][0], atol=1e-5)
     assert errors["too-long"]["status_code"] == 400
     assert errors["too-long"]["body"]["error"]["code"] == "context_length_exceeded"
+
+
+def test_inputs_count_for_the_prompt_bound_and_the_token_rate_limit() -> None:
+    """--max-prompt-chars counts the texts; --rate-limit-tpm charges the input alone
+    (an embedding generates nothing), token ids one token each."""
+    from tokenrelay.api.ratelimit import estimate_tokens, prompt_chars
+
+    assert prompt_chars({"input": ["abcd", "ef"]}) == prompt_chars({"input": "abcdef"}) == 6
+    assert estimate_tokens({"input": "x" * 400}) == 101
+    assert estimate_tokens({"input": [[1, 2, 3], [4]]}) == 5
