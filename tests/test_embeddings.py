@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,3 +279,46 @@ def test_inputs_count_for_the_prompt_bound_and_the_token_rate_limit() -> None:
     assert prompt_chars({"input": ["abcd", "ef"]}) == prompt_chars({"input": "abcdef"}) == 6
     assert estimate_tokens({"input": "x" * 400}) == 101
     assert estimate_tokens({"input": [[1, 2, 3], [4]]}) == 5
+
+
+def test_serve_detects_and_serves_the_embedding_model(
+    tmp_path: Path, minilm: Path, reference: Any
+) -> None:
+    """`tokenrelay serve --model-path <MiniLM folder>`: no flag says it embeds; the banner's
+    curl, pasted as printed, answers with the model's vector."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import time
+
+    from tokenrelay.commands import tokenrelay_argv
+    from tokenrelay.embedded_redis import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "TOKENRELAY_RUNTIME_DIR": str(tmp_path / "run")}
+    argv = ["serve", "--model-path", str(minilm), "--port", str(port), "--no-ui"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*tokenrelay_argv(), *argv], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "tokenrelay is ready" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        curl = text[text.index("curl ") : text.index("'\n", text.index("curl "))] + "'"
+        assert "/v1/embeddings" in curl
+        done = subprocess.run(
+            shlex.split(curl.replace("\\\n", "")), capture_output=True, text=True, timeout=60
+        )
+        body = json.loads(done.stdout)
+        question = json.loads(curl.split("-d '", 1)[1][:-1])["input"]
+        expected, _ = reference([question])
+        np.testing.assert_allclose(body["data"][0]["embedding"], expected[0], atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)

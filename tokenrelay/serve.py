@@ -253,6 +253,13 @@ def banner(args: argparse.Namespace, info: runtime.ServeInfo) -> str:
         }
     )
     chat = ["tokenrelay", "chat", "--api-url", info.api_url, "--model", info.model]
+    chat_line = shlex.join(chat + (["--api-key", key] if key else []))
+    route = "chat/completions"
+    from .workers.embed_build import detect_task
+
+    if detect_task(info.model_path) == "embed":  # an embedding model answers nothing else
+        body = json.dumps({"model": info.model, "input": DEMO_QUESTION})
+        route, chat_line = "embeddings", "(an embedding model: POST /v1/embeddings only)"
     worker = [
         "tokenrelay",
         "worker",
@@ -269,10 +276,10 @@ def banner(args: argparse.Namespace, info: runtime.ServeInfo) -> str:
     return f"""
 tokenrelay is ready at {info.api_url}  (model: {info.model})
 
-  curl {info.api_url}/chat/completions -H "Content-Type: application/json"{auth} \\
+  curl {info.api_url}/{route} -H "Content-Type: application/json"{auth} \\
     -d '{body}'
 
-  {shlex.join(chat + (["--api-key", key] if key else []))}
+  {chat_line}
 {ui_line}
 Redis: {info.redis_url} (`tokenrelay status` finds it by itself). Another worker:
 
