@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams
+from tokenrelay.queueing.messages import ChoiceDelta, Job, SamplingParams, TokenLogprob
 
 from .engine import EngineEvent, InvalidRequest, JobHandle, ThreadedEngine, max_tokens_for
-from .logprobs import refuse_logprobs
+from .logprobs import Namer, Scored, prompt_entries
 from .penalties import LogitAdjuster, TokenHistory, check_logit_bias, needs_history
 from .prompts import encode_prompt
 from .sampling import make_generator, sample
@@ -40,6 +40,8 @@ class _Running:
     adjust: LogitAdjuster | None = None  # the request's penalties, bias and min_tokens
     generated: int = 0  # steps taken; each running choice gets one token a step
     completion_tokens: int = 0
+    scored: Scored | None = None  # next_ids' log probabilities, where asked (logprobs.py)
+    prompt_scores: list[TokenLogprob] | None = None  # echo: sent with each first delta
 
 
 class HFEngine(ThreadedEngine):
@@ -48,6 +50,7 @@ class HFEngine(ThreadedEngine):
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.namer = Namer(tokenizer)
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.eos_ids = eos_ids(model, tokenizer)
@@ -93,7 +96,6 @@ class HFEngine(ThreadedEngine):
             params = job.params
             n = params.n
             check_logit_bias(params, int(self.model.config.vocab_size))
-            refuse_logprobs(job, self.name)  # not scored here (logprobs.py)
             r = _Running(
                 job=job,
                 handle=handle,
@@ -114,6 +116,14 @@ class HFEngine(ThreadedEngine):
             )
             input_ids = torch.tensor([ids] * n, device=self.device)
             self._forward(r, input_ids)
+            if max_tokens == 0:  # echo's scoring alone: nothing generated
+                deltas = [
+                    ChoiceDelta(index=i, finish_reason="length", prompt_logprobs=r.prompt_scores)
+                    for i in range(n)
+                ]
+                handle.put(EngineEvent(deltas, r.prompt_len, 0))
+                handle.close()
+                return None
             return r
         except InvalidRequest as exc:
             handle.put(exc)
@@ -136,11 +146,19 @@ class HFEngine(ThreadedEngine):
     def _forward(self, r: _Running, input_ids: torch.Tensor) -> None:
         out = self.model(input_ids=input_ids, past_key_values=r.cache, use_cache=True)
         logits = out.logits[:, -1, :]
+        params = r.job.params
+        if params.prompt_logprobs is not None and r.generated == 0:
+            ids = input_ids[0].tolist()
+            r.prompt_scores = prompt_entries(
+                self.namer, out.logits[0].float(), ids, params.prompt_logprobs
+            )
         if r.adjust is None:
-            r.next_ids = sample(logits, r.job.params, r.generator)
-            return
-        r.next_ids = sample(r.adjust(logits), r.job.params, r.generator)
-        r.adjust.record(r.next_ids)
+            r.next_ids = sample(logits, params, r.generator)
+        else:
+            r.next_ids = sample(r.adjust(logits), params, r.generator)
+            r.adjust.record(r.next_ids)
+        if params.logprobs is not None:
+            r.scored = Scored(logits, r.next_ids, params.logprobs)
 
     def _step(self, r: _Running) -> bool:
         """Take the sampled token of every live choice, emit text, decode the next step.
@@ -167,6 +185,8 @@ class HFEngine(ThreadedEngine):
     def _advance(self, r: _Running) -> list[ChoiceDelta]:
         assert r.next_ids is not None
         tokens = r.next_ids.tolist()
+        rows = r.scored.rows() if r.scored is not None else None
+        first = r.generated == 0 and r.prompt_scores is not None
         r.generated += 1
         params = r.job.params
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
@@ -183,8 +203,12 @@ class HFEngine(ThreadedEngine):
                     r.finish[i] = "stop"
                 elif r.generated >= r.max_tokens:
                     text, r.finish[i] = text + tracker.flush(), "length"
-            if text or r.finish[i]:
-                deltas.append(ChoiceDelta(index=i, text=text, finish_reason=r.finish[i]))
+            entry = None if rows is None else self.namer.entry(*rows[i])
+            if text or r.finish[i] or entry is not None or first:
+                delta = ChoiceDelta(index=i, text=text, finish_reason=r.finish[i])
+                delta.logprobs = None if entry is None else [entry]
+                delta.prompt_logprobs = r.prompt_scores if first else None
+                deltas.append(delta)
         return deltas
 
     def _decode(self, ids: list[int]) -> str:

@@ -31,8 +31,8 @@ def refuse_logprobs(job: Job, engine: str) -> None:
         field = "logprobs" if p.logprobs is not None else "echo"
         raise InvalidRequest(
             f"log probabilities are not supported by this worker's {engine} engine; "
-            "serve the model with the batch or paged engine (--engine batch|paged) or leave "
-            "logprobs out",
+            "serve the model with the batch, paged or hf engine (--engine batch|paged|hf) or "
+            "leave logprobs out",
             code="unsupported_value",
             param=field,
         )

@@ -1,4 +1,4 @@
-"""Log probabilities on the real SmolLM2 in the batch and paged engines: each generated
+"""Log probabilities on the real SmolLM2 in the batch, paged and hf engines: each generated
 token's equals the log-softmax of transformers' own logits for it (so their sum is the
 model's log-likelihood of the text), top alternatives are sorted with the greedy token
 first, echo with max_tokens=0 scores every prompt token as a full forward pass does;
@@ -14,18 +14,21 @@ import torch
 from tokenrelay.queueing.messages import Job, SamplingParams, TokenLogprob
 from tokenrelay.workers.batch_engine import BatchEngine
 from tokenrelay.workers.engine import Engine, InvalidRequest
+from tokenrelay.workers.hf_engine import HFEngine
 from tokenrelay.workers.logprobs import Namer
 from tokenrelay.workers.paged.engine import PagedEngine
 
 from .engine_helpers import QUESTIONS, chat_job
 
 
-@pytest.fixture(scope="module", params=["batch", "paged", "paged-3-steps"])
+@pytest.fixture(scope="module", params=["batch", "paged", "paged-3-steps", "hf"])
 def engine(request, model_and_tokenizer):  # type: ignore[no-untyped-def]
-    """The batch engine; the paged one with a step a launch and with three."""
+    """The batch engine; the paged one with a step a launch and with three; hf."""
     model, tokenizer = model_and_tokenizer
     if request.param == "batch":
         eng: Engine = BatchEngine(model, tokenizer, slots=4, max_len=512)
+    elif request.param == "hf":
+        eng = HFEngine(model, tokenizer)
     else:
         steps = 3 if request.param == "paged-3-steps" else 1
         eng = PagedEngine(
@@ -137,9 +140,9 @@ def test_engines_that_do_not_score_refuse() -> None:
     from tokenrelay.workers.logprobs import refuse_logprobs
 
     with pytest.raises(InvalidRequest, match="not supported") as info:
-        refuse_logprobs(completion_job("x", logprobs=1), "hf")
+        refuse_logprobs(completion_job("x", logprobs=1), "generate")
     assert info.value.param == "logprobs"
     with pytest.raises(InvalidRequest) as info:
-        refuse_logprobs(completion_job("x", max_tokens=0), "hf")
+        refuse_logprobs(completion_job("x", max_tokens=0), "generate")
     assert info.value.param == "max_tokens"
-    refuse_logprobs(completion_job("x", max_tokens=4), "hf")
+    refuse_logprobs(completion_job("x", max_tokens=4), "generate")
