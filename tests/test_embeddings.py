@@ -322,3 +322,23 @@ def test_serve_detects_and_serves_the_embedding_model(
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
+
+
+def test_concurrent_requests_share_passes_and_each_gets_its_own_vectors(
+    client: openai.OpenAI, reference: Any
+) -> None:
+    """Requests in flight together run in the same forward passes (the worker takes every
+    job waiting); each answer is still its own inputs' vectors, in its own order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asks = [
+        [f"request {r} input {i}: {TEXTS[(r + i) % 4]}" for i in range(r + 1)] for r in range(8)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda texts: client.embeddings.create(model=MODEL, input=texts), asks)
+        )
+    for texts, response in zip(asks, answers, strict=True):
+        expected, tokens = reference(texts)
+        np.testing.assert_allclose(_vectors(response), expected, atol=1e-5)
+        assert response.usage.prompt_tokens == tokens
