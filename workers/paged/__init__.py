@@ -14,8 +14,11 @@ How a step flows through the parts::
     cache.py       the per-layer cache tensors and how many blocks fit on the device
         |
     sampling       (workers/sampling.py) every row's token on the device, in one pass,
-                       after the request's penalties, logit_bias and min_tokens
-                       (workers/penalties.py, from each sequence's token history)
+        |              after the request's penalties, logit_bias and min_tokens
+        |              (workers/penalties.py, from each sequence's token history)
+    scoring.py     where a job asks for logprobs: its rows' raw log-softmax as each step
+        |              samples; an echo's prompt prefilled with every position's logits
+    output.py      the host's side: tokens to text, stop strings, finish reasons, events
 """
 
 from __future__ import annotations
