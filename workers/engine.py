@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from tokenrelay.queueing.messages import ChoiceDelta, Job
+from tokenrelay.queueing.messages import ChoiceDelta, ErrorInfo, Job
 
 
 class InvalidRequest(ValueError):
@@ -26,6 +26,16 @@ class InvalidRequest(ValueError):
         super().__init__(message)
         self.code = code
         self.param = param  # the request field at fault
+
+    def error(self) -> ErrorInfo:
+        """What the client gets: a 400 in OpenAI's shape."""
+        return ErrorInfo(
+            message=str(self),
+            type="invalid_request_error",
+            code=self.code,
+            status=400,
+            param=self.param,
+        )
 
 
 @dataclass

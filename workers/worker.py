@@ -328,15 +328,7 @@ class Worker:
                     self.engine.cancel(job.id)
                     return
         except InvalidRequest as exc:
-            await publisher.send(
-                error=ErrorInfo(
-                    message=str(exc),
-                    type="invalid_request_error",
-                    code=exc.code,
-                    status=400,
-                    param=exc.param,
-                )
-            )
+            await publisher.send(error=exc.error())
             return
         except (RedisError, LostDelivery):
             raise  # not the model's fault: the job stays pending and runs again
