@@ -196,6 +196,16 @@ class ErrorInfo(BaseModel):
     status: int = 500
     param: str | None = None  # the request field at fault; an older API ignores it
 
+    @classmethod
+    def deadline_exceeded(cls) -> ErrorInfo:
+        """A request that ran past its deadline (``Job.deadline``, the API's timeout)."""
+        return cls(
+            message="The request ran past its deadline.",
+            type="timeout",
+            code="deadline_exceeded",
+            status=503,
+        )
+
 
 class Chunk(Message):
     """One batch of deltas for one request.

@@ -180,10 +180,5 @@ def _deadline_chunk(sub: Subscription) -> Chunk:
         attempt=sub.attempt,
         seq=sub.next_seq,
         done=True,
-        error=ErrorInfo(
-            message="The request ran past its deadline.",
-            type="timeout",
-            code="deadline_exceeded",
-            status=503,
-        ),
+        error=ErrorInfo.deadline_exceeded(),
     )

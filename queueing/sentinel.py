@@ -240,35 +240,27 @@ def _sentinel_kwargs(target: SentinelURL, connect_timeout: float) -> dict[str, A
 def async_master(url: str, **kwargs: Any) -> aioredis.Redis:
     """An asyncio client of the primary ``url`` names; ``kwargs`` are the connections'
     (timeouts, pool size as ``max_connections`` and ``timeout``, retry, decoding)."""
-    target = parse(url)
-    manager = async_sentinel.Sentinel(
-        list(target.sentinels),
-        sentinel_kwargs=_sentinel_kwargs(target, kwargs.get("socket_connect_timeout", 3.0)),
-    )
-    client = manager.master_for(
-        target.master,
-        redis_class=_AsyncClient,
-        connection_pool_class=_AsyncPool,
-        db=target.db,
-        username=target.username,
-        password=target.password,
-        **kwargs,
-    )
-    client.sentinels = manager
-    return client
+    return _master(url, async_sentinel.Sentinel, _AsyncClient, _AsyncPool, kwargs)
 
 
 def sync_master(url: str, **kwargs: Any) -> redis.Redis:
     """The synchronous counterpart of ``async_master`` (RQ's client)."""
+    return _master(url, sync_sentinel.Sentinel, _SyncClient, _SyncPool, kwargs)
+
+
+def _master(
+    url: str, sentinel_class: Any, redis_class: Any, pool_class: Any, kwargs: dict[str, Any]
+) -> Any:
+    """A client of the primary the sentinels of ``url`` name, with its sentinel manager."""
     target = parse(url)
-    manager = sync_sentinel.Sentinel(
+    manager = sentinel_class(
         list(target.sentinels),
         sentinel_kwargs=_sentinel_kwargs(target, kwargs.get("socket_connect_timeout", 3.0)),
     )
     client = manager.master_for(
         target.master,
-        redis_class=_SyncClient,
-        connection_pool_class=_SyncPool,
+        redis_class=redis_class,
+        connection_pool_class=pool_class,
         db=target.db,
         username=target.username,
         password=target.password,

@@ -57,7 +57,7 @@ async def run_embed(
             usage = Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
             if time.time() > job.deadline:
                 engine.cancel(job.id)
-                await publisher.send(error=_deadline())
+                await publisher.send(error=ErrorInfo.deadline_exceeded())
                 return
             if await publisher.send(deltas, tokens=usage):
                 log.info("job %s cancelled by its client", job.id)
@@ -81,13 +81,4 @@ async def run_embed(
         len(job.input or []),
         usage.prompt_tokens,
         time.monotonic() - started,
-    )
-
-
-def _deadline() -> ErrorInfo:
-    return ErrorInfo(
-        message="The request ran past its deadline.",
-        type="timeout",
-        code="deadline_exceeded",
-        status=503,
     )

@@ -314,14 +314,7 @@ class Worker:
                     usage = job.usage(usage)
                 if time.time() > job.deadline:
                     self.engine.cancel(job.id)
-                    await publisher.send(
-                        error=ErrorInfo(
-                            message="The request ran past its deadline.",
-                            type="timeout",
-                            code="deadline_exceeded",
-                            status=503,
-                        )
-                    )
+                    await publisher.send(error=ErrorInfo.deadline_exceeded())
                     return
                 if await publisher.send(deltas, tokens=usage):
                     log.info("job %s cancelled by its client", job.id)
