@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from functools import cache
 
-from tokenrelay.queueing.messages import ChatMessage, Job, SamplingParams
+from tokenrelay.queueing.messages import ChatMessage, Job, SamplingParams, TokenLogprob
 from tokenrelay.workers.engine import Engine
 
 QUESTIONS = [
@@ -28,6 +28,32 @@ def chat_job(question: str, **params: object) -> Job:
         created=0,
         deadline=time.time() + 300,
     )
+
+
+def completion_job(prompt: str, **params: object) -> Job:
+    return Job(
+        id=f"c-{time.monotonic_ns()}",
+        model="m",
+        kind="completion",
+        prompt=prompt,
+        params=SamplingParams(**params),  # type: ignore[arg-type]
+        stream=False,
+        created=0,
+        deadline=time.time() + 300,
+    )
+
+
+async def scores(engine: Engine, job: Job) -> tuple[list[TokenLogprob], list[TokenLogprob]]:
+    """Choice 0's prompt entries and generated entries."""
+    prompt: list[TokenLogprob] = []
+    generated: list[TokenLogprob] = []
+    async for events in engine.submit(job).stream():
+        for event in events:
+            for d in event.deltas:
+                assert d.index == 0
+                prompt += d.prompt_logprobs or []
+                generated += d.logprobs or []
+    return prompt, generated
 
 
 async def collect(engine: Engine, job: Job) -> tuple[list[str], list[str | None], int]:

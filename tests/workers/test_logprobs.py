@@ -6,19 +6,16 @@ engines that do not score tokens refuse such jobs with a 400."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from tokenrelay.queueing.messages import Job, SamplingParams, TokenLogprob
 from tokenrelay.workers.batch_engine import BatchEngine
 from tokenrelay.workers.engine import Engine, InvalidRequest
 from tokenrelay.workers.hf_engine import HFEngine
 from tokenrelay.workers.logprobs import Namer
 from tokenrelay.workers.paged.engine import PagedEngine
 
-from .engine_helpers import QUESTIONS, chat_job
+from .engine_helpers import QUESTIONS, chat_job, completion_job, scores
 
 
 @pytest.fixture(scope="module", params=["batch", "paged", "paged-3-steps", "hf"])
@@ -36,32 +33,6 @@ def engine(request, model_and_tokenizer):  # type: ignore[no-untyped-def]
         )
     yield eng
     eng.close()
-
-
-def completion_job(prompt: str, **params: object) -> Job:
-    return Job(
-        id=f"c-{time.monotonic_ns()}",
-        model="m",
-        kind="completion",
-        prompt=prompt,
-        params=SamplingParams(**params),  # type: ignore[arg-type]
-        stream=False,
-        created=0,
-        deadline=time.time() + 300,
-    )
-
-
-async def scores(engine: Engine, job: Job) -> tuple[list[TokenLogprob], list[TokenLogprob]]:
-    """Choice 0's prompt entries and generated entries."""
-    prompt: list[TokenLogprob] = []
-    generated: list[TokenLogprob] = []
-    async for events in engine.submit(job).stream():
-        for event in events:
-            for d in event.deltas:
-                assert d.index == 0
-                prompt += d.prompt_logprobs or []
-                generated += d.logprobs or []
-    return prompt, generated
 
 
 def reference(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]

@@ -6,14 +6,13 @@ forward pass does."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from tokenrelay.bench.models import prompt_words, random_llama, synthetic_tokenizer
-from tokenrelay.queueing.messages import Job, SamplingParams, TokenLogprob
 from tokenrelay.workers.paged.engine import PagedEngine
+
+from .engine_helpers import completion_job, scores
 
 pytestmark = pytest.mark.gpu
 
@@ -22,30 +21,6 @@ pytestmark = pytest.mark.gpu
 def model():  # type: ignore[no-untyped-def]
     torch.backends.cuda.matmul.allow_tf32 = False
     return random_llama("1b", "cuda", torch.float32)
-
-
-def _job(prompt: str, **params: object) -> Job:
-    return Job(
-        id=f"g{time.monotonic_ns()}",
-        model="m",
-        kind="completion",
-        prompt=prompt,
-        params=SamplingParams(**params),  # type: ignore[arg-type]
-        stream=True,
-        created=0,
-        deadline=time.time() + 300,
-    )
-
-
-async def _scores(engine: PagedEngine, job: Job) -> tuple[list[TokenLogprob], list[TokenLogprob]]:
-    prompt: list[TokenLogprob] = []
-    generated: list[TokenLogprob] = []
-    async for events in engine.submit(job).stream():
-        for event in events:
-            for d in event.deltas:
-                prompt += d.prompt_logprobs or []
-                generated += d.logprobs or []
-    return prompt, generated
 
 
 def _reference(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -62,11 +37,13 @@ async def test_paged_logprobs_on_gpu(model) -> None:  # type: ignore[no-untyped-
     try:
         text = prompt_words(40, salt=3)
         ids = tokenizer(text)["input_ids"]
-        job = _job(
+        job = completion_job(
             text, temperature=0, max_tokens=12, ignore_eos=True, logprobs=4, prompt_logprobs=2
         )
-        prompt, generated = await _scores(engine, job)
-        only, none = await _scores(engine, _job(text, max_tokens=0, logprobs=0, prompt_logprobs=0))
+        prompt, generated = await scores(engine, job)
+        only, none = await scores(
+            engine, completion_job(text, max_tokens=0, logprobs=0, prompt_logprobs=0)
+        )
     finally:
         engine.close()
     assert len(generated) == 12 and len(prompt) == len(ids)
