@@ -99,6 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "error event and [DONE], a waiting request gets a 503 (default 30)",
     )
     parser.add_argument(
+        "--resume-grace",
+        type=float,
+        default=10.0,
+        help="seconds a stream whose client went away keeps running for a resume "
+        "(GET /v1/chat/completions/{id}/stream with Last-Event-ID) before it is cancelled; "
+        "0 = cancel at once (default 10)",
+    )
+    parser.add_argument(
         "--batch-window",
         type=int,
         default=86400,
@@ -162,6 +170,7 @@ def settings_from(args: argparse.Namespace) -> APISettings:
         port=args.port,
         root_path=args.root_path,
         shutdown_grace=getattr(args, "shutdown_grace", 30.0),
+        resume_grace=getattr(args, "resume_grace", 10.0),
         batch_window=getattr(args, "batch_window", 86400),
     )
 

@@ -23,6 +23,7 @@ class APISettings:
     max_file_size: int = 200_000_000  # bytes a file uploaded to POST /v1/files may hold
     max_prompt_chars: int = 200_000  # prompt / all message contents together
     shutdown_grace: float = 30.0  # seconds open requests get to finish on SIGTERM
+    resume_grace: float = 10.0  # seconds a broken stream's job waits for a resume; 0 = none
     batch_window: int = 86400  # seconds a batch has to complete: its "24h" window
     # Acknowledge a job once a replica has it (WAIT 1 <ms>): auto = while the primary reports
     # a connected replica, on, off (queueing/durability.py).

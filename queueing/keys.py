@@ -59,6 +59,10 @@ class Keys:
     def enqueued(self, model: str, request_id: str) -> str:
         return f"{self._model(model)}:enq:{request_id}"
 
+    # a stream's resume record (api/resume.py): its job, owner and followers
+    def resume(self, model: str, request_id: str) -> str:
+        return f"{self._model(model)}:resume:{request_id}"
+
     # a worker's tokenizer files (queueing/tokenizers.py), named by their digest
     def tokenizer(self, model: str, digest: str) -> str:
         return f"{self._model(model)}:tokenizer:{digest}"
