@@ -20,6 +20,7 @@ from .draining import Drain
 from .metrics import Metrics
 from .ratelimit import BodySizeLimit, RateLimiter
 from .requestid import RequestIdMiddleware
+from .resume import Resumes
 from .routes import (
     batches,
     completions,
@@ -49,6 +50,7 @@ def create_app(settings: APISettings) -> FastAPI:
         relay = ChunkRelay(redis, settings.redis.keys)
         await relay.start()
         app.state.service = GenerationService(redis, relay, settings, app.state.metrics)
+        app.state.resumes = Resumes(redis, settings.redis.keys, settings.resume_grace)
         app.state.tokenizers = TokenizerCache(redis, settings.redis.keys)
         app.state.limiter = RateLimiter(
             redis, settings.redis.keys, settings.rate_limit_rpm, settings.rate_limit_tpm
@@ -56,6 +58,7 @@ def create_app(settings: APISettings) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.resumes.close()  # jobs in a resume grace nobody follows: cancelled
             await relay.close()
             await redis.aclose()
             await file_redis.aclose()
