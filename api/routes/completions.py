@@ -8,7 +8,7 @@ from tokenrelay.logs import bind_request_id, current_request_id
 
 from ..deps import Authorized, Service
 from ..schemas import ChatCompletionRequest, CompletionRequest
-from ..streaming import respond
+from ..streaming import respond, resume
 
 router = APIRouter(dependencies=Authorized)
 
@@ -27,3 +27,15 @@ async def completions(body: CompletionRequest, service: Service, request: Reques
     bind_request_id(job.request_id)
     await service.check(job.model, job.params.max_tokens, job.params.n)
     return await respond(service, job, body.include_usage, request)
+
+
+# A stream cut mid-way, resumed with the Last-Event-ID header (api/resume.py): the events
+# after that one, from the chunk log, then live; the job is not run again.
+@router.get("/v1/chat/completions/{completion_id}/stream")
+async def resume_chat_completion(completion_id: str, service: Service, request: Request) -> Any:
+    return await resume(service, request, "chat", completion_id)
+
+
+@router.get("/v1/completions/{completion_id}/stream")
+async def resume_completion(completion_id: str, service: Service, request: Request) -> Any:
+    return await resume(service, request, "completion", completion_id)
