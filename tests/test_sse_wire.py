@@ -1,6 +1,7 @@
 """The server-sent-events wire format, byte by byte, as OpenAI clients parse it.
 
-Every event is ``data: <json>\\n\\n``; a chat stream opens each choice with a role delta,
+Every event is ``id: SEQ.K\\ndata: <json>\\n\\n`` (the id, for a resume with Last-Event-ID,
+rises from event to event; ``[DONE]`` has none); a chat stream opens each choice with a role delta,
 then content deltas, then one finish chunk per choice, then (if asked) a usage chunk with
 no choices, then ``data: [DONE]``. The fake engine makes the content checkable exactly.
 """
@@ -47,7 +48,12 @@ def _events(raw: bytes) -> list[Any]:
     parts = raw.split(b"\n\n")
     assert parts[-1] == b"", "the body must end with a blank line"
     events: list[Any] = []
+    ids: list[tuple[int, int]] = []
     for part in parts[:-1]:
+        if part.startswith(b"id: "):
+            line, _, part = part.partition(b"\n")
+            seq, k = line.removeprefix(b"id: ").split(b".")
+            ids.append((int(seq), int(k)))
         assert part.startswith(b"data: "), part
         assert b"\n" not in part and b"\r" not in part, part
         payload = part[len(b"data: ") :]
@@ -56,6 +62,7 @@ def _events(raw: bytes) -> list[Any]:
         else:
             events.append(json.loads(payload))
     assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    assert len(ids) == len(events) - 1 and ids == sorted(set(ids)), ids
     return events[:-1]
 
 
