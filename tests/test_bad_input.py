@@ -528,7 +528,7 @@ def test_queue_full_429(stack: Stack) -> None:
     with httpx.stream("POST", url, json=long, timeout=60) as held:
         assert held.status_code == 200
         lines = held.iter_lines()
-        assert next(lines).startswith("data: ")  # the job is queued and running
+        assert next(lines).startswith("id: ")  # event 0 (id line first): the job is running
 
         for path, base in (("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)):
             for stream in (False, True):

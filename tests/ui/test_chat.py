@@ -149,7 +149,7 @@ def test_full_queue_is_a_readable_429(stack, page: Page) -> None:
         # closes the response, which the API (rightly) takes for a hang-up and cancels the job
         # that was meant to hold the queue full.
         lines = held.iter_lines()
-        assert next(lines).startswith("data: ")  # the queue is full now
+        assert next(lines).startswith("id: ")  # event 0 (id line first): the queue is full
         ask(page, "hello")
         wait_text(page, "The server is overloaded")
     text = chat_text(page)
