@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from . import sentinel
+from . import cluster, sentinel
 from .keys import Keys
 
 
@@ -44,6 +44,12 @@ def connect(settings: RedisSettings, decode_responses: bool = True) -> aioredis.
         "retry": retry(settings),
         "health_check_interval": 30,
     }
+    if cluster.wanted(settings.url):
+        # No blocking pool in redis-py's cluster client: max_connections is per node, and
+        # over it a command fails at once (MaxConnectionsError, a 503) instead of waiting.
+        return cluster.async_cluster(  # type: ignore[return-value]
+            settings.url, max_connections=settings.max_connections, **options
+        )
     if sentinel.is_sentinel(settings.url):
         # Each connection asks the sentinels for the primary as it connects: one lost to a
         # failover reconnects to the new primary (queueing/sentinel.py).

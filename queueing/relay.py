@@ -1,4 +1,5 @@
-"""The API's side of the token path: one pub/sub connection for every in-flight request.
+"""The API's side of the token path: one pub/sub connection for every in-flight request
+(one per shard on a Redis Cluster).
 
 Pub/sub is at-most-once, so a reader never trusts it alone. Each chunk has a sequence
 number; a gap, or a quiet spell, makes the reader fetch what it missed from the request's
@@ -12,15 +13,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from .cluster import is_cluster
 from .keys import Keys
 from .messages import Chunk, ErrorInfo
+from .shards import ShardedChannels
 
 log = logging.getLogger(__name__)
 
@@ -98,50 +101,27 @@ class Subscription:
         return out
 
 
-class ChunkRelay:
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
-        self.redis = redis
-        self.keys = keys
-        self._subs: dict[str, Subscription] = {}
-        self._pubsub: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._active = asyncio.Event()
+class PlainChannels:
+    """A standalone (or Sentinel) Redis: one pub/sub connection, read by one task."""
 
-    async def start(self) -> None:
-        self._pubsub = self.redis.pubsub()
+    def __init__(self, redis: aioredis.Redis, route: Callable[[dict[str, Any]], None]) -> None:
+        self._pubsub: Any = redis.pubsub()
+        self._route = route
+        self._active = asyncio.Event()
         self._task = asyncio.create_task(self._pump(), name="chunk-relay")
 
-    async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-
-    @contextlib.asynccontextmanager
-    async def subscribe(
-        self, model: str, request_id: str, *, timeout: float = 5.0
-    ) -> AsyncIterator[Subscription]:
-        """Subscribe and wait until Redis confirms, so no chunk can precede us."""
-        sub = Subscription(self, model, request_id)
-        self._subs[sub.channel] = sub
+    async def add(self, channel: str) -> None:
         try:
-            try:
-                await self._pubsub.subscribe(sub.channel)
-            except (RuntimeError, AttributeError) as exc:
-                # The shared pub/sub connection was dropped (CLIENT KILL, a failover) and
-                # this call raced the pump's reconnect on it: redis-py raises these, not a
-                # ConnectionError. The caller answers 503, as for any lost connection.
-                raise RedisConnectionError(f"pub/sub connection reset: {exc}") from exc
-            self._active.set()
-            await asyncio.wait_for(sub.confirmed.wait(), timeout)
-            yield sub
-        finally:
-            self._subs.pop(sub.channel, None)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._pubsub.unsubscribe(sub.channel))
+            await self._pubsub.subscribe(channel)
+        except (RuntimeError, AttributeError) as exc:
+            # The shared pub/sub connection was dropped (CLIENT KILL, a failover) and this
+            # call raced the pump's reconnect on it: redis-py raises these, not a
+            # ConnectionError. The caller answers 503, as for any lost connection.
+            raise RedisConnectionError(f"pub/sub connection reset: {exc}") from exc
+        self._active.set()
+
+    async def remove(self, channel: str) -> None:
+        await self._pubsub.unsubscribe(channel)
 
     async def _pump(self) -> None:
         while True:
@@ -161,13 +141,60 @@ class ChunkRelay:
             if message is not None:
                 self._route(message)
 
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()
+
+
+class ChunkRelay:
+    """Routes every in-flight request's chunks to its :class:`Subscription`: over one
+    pub/sub connection on a standalone Redis, one sharded pub/sub connection per shard on a
+    Redis Cluster (queueing/shards.py)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._subs: dict[str, Subscription] = {}
+        self._channels: PlainChannels | ShardedChannels | None = None
+
+    async def start(self) -> None:
+        if is_cluster(self.redis):
+            self._channels = ShardedChannels(self.redis, self._route)  # type: ignore[arg-type]
+        else:
+            self._channels = PlainChannels(self.redis, self._route)
+
+    async def close(self) -> None:
+        if self._channels is not None:
+            await self._channels.close()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, model: str, request_id: str, *, timeout: float = 5.0
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe and wait until Redis confirms, so no chunk can precede us."""
+        assert self._channels is not None, "ChunkRelay.start() first"
+        channels = self._channels
+        sub = Subscription(self, model, request_id)
+        self._subs[sub.channel] = sub
+        try:
+            await channels.add(sub.channel)
+            await asyncio.wait_for(sub.confirmed.wait(), timeout)
+            yield sub
+        finally:
+            self._subs.pop(sub.channel, None)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(channels.remove(sub.channel))
+
     def _route(self, message: dict[str, Any]) -> None:
         sub = self._subs.get(message.get("channel") or "")
         if sub is None:
             return
-        if message["type"] == "subscribe":
+        if message["type"] in ("subscribe", "ssubscribe"):
             sub.confirmed.set()
-        elif message["type"] == "message":
+        elif message["type"] in ("message", "smessage"):
             try:
                 sub.inbox.put_nowait(Chunk.model_validate_json(message["data"]))
             except ValueError:

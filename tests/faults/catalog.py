@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .scenarios_clients import hangup_churn, slow_reader
+from .scenarios_cluster import cluster_failover
 from .scenarios_freeze import freeze_worker
 from .scenarios_load import disconnect_storm, first_chunk_race, kill_workers, overload
 from .scenarios_redis import redis_blips, redis_restart
@@ -23,4 +24,5 @@ SCENARIOS = {
     "rolling": (rolling_restart, {"small": 120, "full": 300}),
     "freeze": (freeze_worker, {"small": 40, "full": 300}),
     "sentinel": (sentinel_failover, {"small": 60, "full": 500}),
+    "cluster": (cluster_failover, {"small": 60, "full": 1000}),
 }
