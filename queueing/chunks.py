@@ -9,6 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .cluster import publish_command
 from .fencing import Fence
 from .keys import Keys
 from .messages import ChoiceDelta, Chunk, ErrorInfo, Result, Usage
@@ -123,6 +124,7 @@ class ChunkPublisher:
         self._log = keys.chunk_log(model, request_id)
         self._cancel = keys.cancel(model, request_id)
         self._result = keys.result(model, request_id)
+        self._publish = publish_command(redis)  # SPUBLISH on a Redis Cluster
 
     @property
     def sent(self) -> bool:
@@ -164,7 +166,7 @@ class ChunkPublisher:
         commands: list[Command] = [
             ("XADD", self._log, "*", *entry),
             ("EXPIRE", self._log, self.ttl),
-            ("PUBLISH", self._channel, data),
+            (self._publish, self._channel, data),
         ]
         if result is not None:
             commands.append(("SET", self._result, result.model_dump_json(), "EX", self.ttl))
