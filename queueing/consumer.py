@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from .cluster import is_cluster
 from .fencing import Fence, LostDelivery
 from .keys import GROUP, LANES, Keys, Lane
 
@@ -137,6 +138,8 @@ class JobConsumer:
         if own_pending:
             (lane,) = lanes
             return await self._read_own_pending(models, count, running, lane)
+        if len(models) > 1 and is_cluster(self.redis):
+            return await self._read_per_slot(models, count, block_ms, lanes)
         by_stream = {self.keys.lane_jobs(m, lane): (m, lane) for lane in lanes for m in models}
         reply = await self.redis.xreadgroup(
             GROUP, self.consumer, dict.fromkeys(by_stream, ">"), count=count, block=block_ms
@@ -150,6 +153,24 @@ class JobConsumer:
                     continue
                 deliveries.append(Delivery(model, entry_id, fields.get("job", ""), 1, lane=lane))
         return deliveries
+
+    async def _read_per_slot(
+        self, models: list[str], count: int, block_ms: int | None, lanes: Sequence[Lane]
+    ) -> list[Delivery]:
+        """On a Redis Cluster one XREADGROUP reads the streams of one slot: one model's.
+        Every model is read at once without blocking; if none had a job, each blocks in turn
+        for its share of ``block_ms``."""
+        got: list[Delivery] = []
+        for model in models:
+            got += await self.read([model], count, None, lanes=lanes)
+        if got or block_ms is None:
+            return got
+        share = max(1, block_ms // len(models))
+        for model in models:
+            got += await self.read([model], count, share, lanes=lanes)
+            if got:
+                break
+        return got
 
     async def _read_own_pending(
         self, models: list[str], count: int, running: Collection[str], lane: Lane

@@ -72,11 +72,18 @@ class Registry:
         ids = sorted(await self.redis.smembers(self.keys.workers))
         if not ids:
             return []
-        values = await self.redis.mget([self.keys.worker(i) for i in ids])
+        # GETs in a pipeline, not one MGET: on a Redis Cluster the records lie in many slots,
+        # and a record on a shard that is failing over is skipped, not a failed read.
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.get(self.keys.worker(worker_id))
+        values = await pipe.execute(raise_on_error=False)
+        if all(isinstance(v, Exception) for v in values):
+            raise values[0]
         gone = [i for i, v in zip(ids, values, strict=True) if v is None]
         if gone:
             await self.redis.srem(self.keys.workers, *gone)
-        return [WorkerInfo.model_validate_json(v) for v in values if v is not None]
+        return [WorkerInfo.model_validate_json(v) for v in values if isinstance(v, str | bytes)]
 
     async def live_models(self) -> dict[str, list[WorkerInfo]]:
         models: dict[str, list[WorkerInfo]] = {}

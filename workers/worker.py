@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokenrelay import __version__
 from tokenrelay.logs import bind_request_id
 from tokenrelay.queueing.chunks import ChunkOutbox, ChunkPublisher
+from tokenrelay.queueing.cluster import UNAVAILABLE
 from tokenrelay.queueing.consumer import Delivery, JobConsumer
 from tokenrelay.queueing.fencing import LostDelivery
 from tokenrelay.queueing.keys import Keys, Lane
@@ -182,7 +183,7 @@ class Worker:
                     own_pending = not done
                 else:
                     deliveries = await self.reader.read(free)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError, *UNAVAILABLE) as exc:
                 log.warning("redis unreachable while reading jobs (%s); retrying", exc)
                 own_pending = True
                 await asyncio.sleep(1.0)
