@@ -22,6 +22,8 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
+from .cluster import is_cluster
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "on", "off"]
@@ -54,29 +56,37 @@ class Durability:
         self.mode = mode
         self.timeout_ms = timeout_ms
         self.refresh_s = refresh_s
-        self._replicas: int | None = None  # as last read; None: read it again
-        self._read_at = 0.0
+        # As last read, per primary ('' on a standalone Redis; on a Redis Cluster each
+        # shard's primary is asked for itself: a shard just failed over may have none).
+        self._replicas: dict[str, int] = {}
+        self._read_at: dict[str, float] = {}
         self._refused = False  # INFO refused to this ACL user: logged once
 
-    async def required(self) -> bool:
-        """Whether this enqueue must wait for a replica. A Redis error reading the count is
-        raised: the enqueue would meet it too (and a count kept from before a failover would
-        make every enqueue on the new primary wait out its timeout)."""
+    async def required(self, key: str = "") -> bool:
+        """Whether this enqueue (of ``key``, on a Redis Cluster: the primary of its slot is
+        asked) must wait for a replica. A Redis error reading the count is raised: the
+        enqueue would meet it too (and a count kept from before a failover would make every
+        enqueue on the new primary wait out its timeout)."""
         if self.mode != "auto":
             return self.mode == "on"
-        if self._replicas is None or time.monotonic() - self._read_at > self.refresh_s:
-            self._note(await self._count_replicas())
-            self._read_at = time.monotonic()
-        return bool(self._replicas)
+        node = self.redis.get_node_from_key(key) if key and is_cluster(self.redis) else None
+        name = node.name if node is not None else ""
+        if name not in self._replicas or time.monotonic() - self._read_at[name] > self.refresh_s:
+            self._note(name, await self._count_replicas(node))
+            self._read_at[name] = time.monotonic()
+        return bool(self._replicas[name])
 
     def forget(self) -> None:
-        """Read the replica count again before the next enqueue (after a failure: the
+        """Read the replica counts again before the next enqueue (after a failure: the
         primary may have changed)."""
-        self._read_at = 0.0
+        self._read_at = dict.fromkeys(self._read_at, 0.0)
 
-    async def _count_replicas(self) -> int:
+    async def _count_replicas(self, node: object = None) -> int:
         try:
-            info = await self.redis.info("replication")
+            if node is not None:
+                info = await self.redis.info("replication", target_nodes=node)
+            else:
+                info = await self.redis.info("replication")
         except NoPermissionError as exc:
             if not self._refused:
                 log.warning("durable enqueue off: this Redis user may not run INFO (%s)", exc)
@@ -84,19 +94,22 @@ class Durability:
             return 0
         return online_replicas(info)
 
-    def _note(self, replicas: int) -> None:
-        before, self._replicas = self._replicas, replicas
+    def _note(self, name: str, replicas: int) -> None:
+        before, self._replicas[name] = self._replicas.get(name), replicas
         if before is not None and bool(before) == bool(replicas):
             return
         if replicas:
             log.info(
-                "durable enqueue on: the primary has %d replica(s); a job is acknowledged once "
-                "one has it (WAIT 1 %d)",
+                "durable enqueue on: the primary%s has %d replica(s); a job is acknowledged "
+                "once one has it (WAIT 1 %d)",
+                f" {name}" if name else "",
                 replicas,
                 self.timeout_ms,
             )
         else:
             (log.warning if before else log.info)(
-                "durable enqueue off: the primary reports no connected replica, so an enqueue "
-                "is acknowledged by the primary alone (--durable-enqueue on refuses instead)"
+                "durable enqueue off: the primary%s reports no connected replica, so an "
+                "enqueue is acknowledged by the primary alone (--durable-enqueue on refuses "
+                "instead)",
+                f" {name}" if name else "",
             )

@@ -8,6 +8,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from .cluster import is_cluster
 from .durability import Durability, NotReplicated
 from .keys import Keys, Lane
 from .messages import Job
@@ -63,7 +64,7 @@ class JobQueue:
         keys = [self.keys.lane_jobs(job.model, lane), self.keys.enqueued(job.model, job.id)]
         args = [job.model_dump_json(), max_depth, self.marker_ttl]
         try:
-            if self.durability is None or not await self.durability.required():
+            if self.durability is None or not await self.durability.required(keys[0]):
                 status, detail = await self._enqueue(keys=keys, args=[*args, 0])
                 return EnqueueResult(status, detail)
             return await self._enqueue_replicated(keys, [*args, 1], self.durability)
@@ -79,8 +80,15 @@ class JobQueue:
         of its own connection only."""
         for _ in range(2):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", 1, durability.timeout_ms)
+            if is_cluster(self.redis):
+                # The script and WAIT to the primary of the job's slot, one connection. A
+                # cluster pipeline takes no EVALSHA (and EVAL needs no NOSCRIPT round).
+                node = self.redis.get_node_from_key(keys[0])
+                pipe.execute_command("EVAL", _ENQUEUE, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", 1, durability.timeout_ms, target_nodes=node)
+            else:
+                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", 1, durability.timeout_ms)
             reply, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError):  # a new primary, or SCRIPT FLUSH
                 await self.redis.script_load(_ENQUEUE)
