@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tokenrelay.queueing import batch_queue
 from tokenrelay.queueing.batches import Batch, BatchStore, is_batch_id
+from tokenrelay.queueing.cluster import is_cluster
 from tokenrelay.queueing.files import FileStore
 
 from .batch_lines import SCHEMAS
@@ -134,6 +135,14 @@ class BatchService:
         self.settings = settings
 
     async def create(self, body: BatchCreateRequest) -> Batch:
+        if is_cluster(self.rq_redis):
+            raise APIError(
+                501,
+                "The Batch API is not available on a Redis Cluster: RQ, which runs batches, "
+                "needs a standalone or Sentinel-managed Redis.",
+                type="server_error",
+                code="batches_unavailable",
+            )
         info = await self.files.get(body.input_file_id)
         if info is None:
             raise APIError(

@@ -18,7 +18,7 @@ from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.serializers import JSONSerializer
 
-from . import sentinel
+from . import cluster, sentinel
 from .batches import KEEP_ENDED_S, MOVE_SCRIPT, LineError
 from .connection import RedisSettings
 from .keys import Keys
@@ -45,6 +45,8 @@ def sync_connect(settings: RedisSettings) -> redis.Redis:
     }
     if sentinel.is_sentinel(settings.url):
         return sentinel.sync_master(settings.url, **options)
+    if cluster.wanted(settings.url):  # the API starts; batches are refused (api/batches.py)
+        return cluster.sync_cluster(settings.url, **options)  # type: ignore[return-value]
     return redis.Redis.from_url(settings.url, **options)
 
 
