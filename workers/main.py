@@ -42,9 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-gpus",
         type=int,
         default=1,
-        help="split the model over this many GPUs (accelerate device map)",
+        help="split the model over this many GPUs: with the paged engine the same as "
+        "--tensor-parallel-size; with --engine hf an accelerate device map (layers spread "
+        "over the GPUs, one at work at a time)",
     )
-    parser.add_argument("--max-gpu-memory", help="per-GPU memory cap for the split, e.g. 20GiB")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="paged engine: split every layer over this many GPUs (vLLM's flag; one process "
+        "a GPU, this worker one of them; NCCL on CUDA, gloo with --device cpu)",
+    )
+    parser.add_argument(
+        "--max-gpu-memory",
+        help="per-GPU memory cap, e.g. 20GiB: each GPU's share with --tensor-parallel-size, "
+        "the accelerate split's with --engine hf --num-gpus",
+    )
     parser.add_argument(
         "--low-bit",
         choices=list(LOW_BIT_CHOICES),
@@ -178,11 +191,28 @@ def paged_blockers(args: argparse.Namespace) -> list[str]:
     blockers = []
     if low_bit(args) == "sym_int8" and args.device == "cuda":
         blockers.append("--load-8bit / --low-bit sym_int8 on CUDA (bitsandbytes)")
+    if tensor_parallel_size(args) > 1:
+        return blockers  # the split is the paged engine's own (paged/ranks.py)
     if args.num_gpus > 1:
         blockers.append(f"--num-gpus {args.num_gpus}")
     if args.max_gpu_memory:
         blockers.append("--max-gpu-memory")
     return blockers
+
+
+def tensor_parallel_size(args: argparse.Namespace) -> int:
+    """The GPUs the paged engine splits each layer over: --tensor-parallel-size, or
+    --num-gpus unless --engine hf or generate spreads the layers with accelerate."""
+    if args.tensor_parallel_size is not None:
+        if args.tensor_parallel_size < 1:
+            raise SystemExit("--tensor-parallel-size must be at least 1")
+        if args.tensor_parallel_size > 1 and args.engine not in ("auto", "paged"):
+            raise SystemExit(
+                f"--tensor-parallel-size is the paged engine's, not --engine {args.engine}'s: "
+                "use --engine paged, or --engine hf --num-gpus N for an accelerate split"
+            )
+        return int(args.tensor_parallel_size)
+    return int(args.num_gpus) if args.engine in ("auto", "paged") else 1
 
 
 def choose_engine(
@@ -236,6 +266,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return build_embed_engine(args)
     if args.engine in ("paged", "batch"):  # refuse before spending minutes on loading
         choose_engine(args, model_type="", reason=None)
+    if tensor_parallel_size(args) > 1:
+        return _split_engine(args)
     from .hf_engine import HFEngine
     from .loader import LoadOptions, generation_defaults, load
 
@@ -288,6 +320,50 @@ def build_engine(args: argparse.Namespace) -> Engine:
     engine.sampling_defaults = generation_defaults(model)
     engine.weights = getattr(model, "low_bit", None) or str(model.dtype).removeprefix("torch.")
     log.info("sampling defaults from the model's generation_config: %s", engine.sampling_defaults)
+    return engine
+
+
+def _split_engine(args: argparse.Namespace) -> Engine:
+    """The paged engine over --tensor-parallel-size GPUs (paged/ranks.py)."""
+    import torch
+
+    from .loader import LoadOptions, check_device, generation_defaults
+    from .paged.ranks import RankSpec, free_port, memory_bytes, start_engine
+
+    world = tensor_parallel_size(args)
+    if low_bit(args):
+        raise SystemExit(
+            f"--tensor-parallel-size {world} splits unquantized weights; drop --low-bit"
+        )
+    check_device(args.device)
+    if args.device not in ("cuda", "cpu"):
+        raise SystemExit(
+            f"--tensor-parallel-size runs on cuda (NCCL) or cpu (gloo), not {args.device}"
+        )
+    if args.device == "cuda" and torch.cuda.device_count() < world:
+        raise SystemExit(
+            f"--tensor-parallel-size {world} needs {world} GPUs; "
+            f"{torch.cuda.device_count()} are visible"
+        )
+    spec = RankSpec(
+        load=LoadOptions(
+            model_path=args.model_path,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+        ),
+        world=world,
+        port=free_port(),
+        max_model_len=args.max_model_len,
+        max_seqs=args.limit_worker_concurrency,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        cap_bytes=memory_bytes(args.max_gpu_memory) if args.max_gpu_memory else None,
+    )
+    engine = start_engine(spec)
+    model = engine.runner.model
+    engine.sampling_defaults = generation_defaults(model)
+    engine.weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    log.info("paged engine split over %d ranks (%s)", world, args.device)
     return engine
 
 

@@ -8,10 +8,13 @@ their keys there, and no sequence's block table ever points at it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .tensor_parallel import shards
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,8 @@ class CacheShape:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         dtype = next(model.parameters()).dtype
-        return cls(config.num_hidden_layers, kv_heads, head_dim, dtype)
+        # split over ranks, each keeps the cache of its own kv heads (tensor_parallel.py)
+        return cls(config.num_hidden_layers, kv_heads // shards(model), head_dim, dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -56,6 +60,8 @@ class KVCache:
             for _ in range(shape.layers)
         ]
         self.scratch_slot = num_blocks * block_size
+        # with tensor parallelism, rank 0's hook that has the other ranks copy it too
+        self.mirror: Callable[[int, int, int | None], None] | None = None
 
     @property
     def tokens(self) -> int:
@@ -63,6 +69,8 @@ class KVCache:
 
     def copy_block(self, src: int, dst: int, rows: int | None = None) -> None:
         """Copy block ``src`` into ``dst``: its first ``rows`` positions, or all."""
+        if self.mirror is not None:
+            self.mirror(src, dst, rows)
         rows = self.block_size if rows is None else rows
         for k, v in self.layers:
             k[dst, :rows].copy_(k[src, :rows])
@@ -79,12 +87,17 @@ def gpu_cache_blocks(
     utilization: float,
     peak_bytes: int,
     block_size: int = BLOCK_SIZE,
+    cap_bytes: int | None = None,
 ) -> int:
-    """Blocks that fit in ``utilization`` of the GPU after what is in use now (the weights,
-    other processes, the CUDA context) and ``peak_bytes`` of activations, vLLM's rule."""
+    """Blocks that fit in ``utilization`` of the GPU (or ``cap_bytes`` of it, if less:
+    --max-gpu-memory) after what is in use now (the weights, other processes, the CUDA
+    context) and ``peak_bytes`` of activations, vLLM's rule."""
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free
-    budget = int(total * utilization) - in_use - peak_bytes
+    allowed = int(total * utilization)
+    if cap_bytes is not None:
+        allowed = min(allowed, cap_bytes)
+    budget = allowed - in_use - peak_bytes
     per_block = block_size * shape.bytes_per_token
     blocks = budget // per_block
     if blocks < 1:

@@ -64,9 +64,7 @@ class PagedEngine(ThreadedEngine):
         device = next(model.parameters()).device
         self.cache = KVCache(CacheShape.of(model), num_blocks, device, block_size)
         self.blocks = BlockManager(num_blocks, self.cache.block_size)
-        self.runner = ModelRunner(
-            model, self.cache, max_len, eager=eager, prefill_budget=prefill_budget
-        )
+        self.runner = self._make_runner(model, max_len, eager, prefill_budget)
         self.runner.capture_graphs(max_seqs)
         self.device = device
         # Batch API lines (JobHandle.background) are admitted after interactive jobs; on a
@@ -101,6 +99,12 @@ class PagedEngine(ThreadedEngine):
             max_len,
         )
         self._start_thread("paged-engine")
+
+    def _make_runner(
+        self, model: PreTrainedModel, max_len: int, eager: bool, prefill_budget: int
+    ) -> ModelRunner:
+        """The runner over ``self.cache`` (tensor_parallel: one that leads the other ranks)."""
+        return ModelRunner(model, self.cache, max_len, eager=eager, prefill_budget=prefill_budget)
 
     # engine thread
 
