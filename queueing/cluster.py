@@ -28,8 +28,15 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,41 @@ PROBE_TIMEOUT_S = 2.0
 UNAVAILABLE: tuple[type[Exception], ...] = (ClusterDownError, TryAgainError, SlotNotCoveredError)
 
 _detected: dict[str, bool] = {}  # plain URL -> whether its server is a cluster node
+
+# A node lost: the slot map must be read again before the next command.
+_NODE_LOST = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError)
+
+
+class Cluster(RedisCluster):
+    """redis-py's asyncio ``RedisCluster``, whose pipelines also make it read the slot map
+    again after a node failed.
+
+    redis-py does so after a failed single command, but a pipeline without retries (ours:
+    queueing/connection.py says why) only raises, or with ``raise_on_error=False`` returns
+    the error in its replies: a worker whose only commands for a failed shard are pipelined
+    (heartbeats: the registry keys may lie there) kept sending them to the dead primary
+    after its replica had taken over, and its model dropped out of dispatch.
+    """
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _Pipeline(self, transaction)
+
+
+class _Pipeline(ClusterPipeline):
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        client = self.cluster_client
+        try:
+            replies = await super().execute(raise_on_error, allow_redirections)
+        except _NODE_LOST:
+            client._initialize = True
+            raise
+        if any(isinstance(reply, _NODE_LOST) for reply in replies):
+            client._initialize = True
+        return replies
 
 
 @dataclass(frozen=True)
@@ -129,7 +171,7 @@ def async_cluster(url: str, *, max_connections: int, **options: Any) -> RedisClu
     spec = parse(url)
     options = dict(options)
     options.pop("retry", None)  # see below
-    return RedisCluster(
+    return Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in spec.nodes],
         username=spec.username,
         password=spec.password,
