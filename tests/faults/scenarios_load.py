@@ -73,7 +73,8 @@ async def disconnect_storm(stack: Stack, *, n: int, size: str, seed: int = 2) ->
     s = Summary("disconnect", size)
     started = time.monotonic()
     keys = Keys(stack.prefix)
-    stack.api()
+    # no resume grace: a mid-stream hang-up cancels at once, whose latency this measures
+    stack.api("--resume-grace", "0")
     flags = ("--fake-token-delay", "0.02", "--limit-worker-concurrency", "4")
     for _ in range(2):
         stack.fake_worker(*flags)
