@@ -14,11 +14,10 @@ def worker_args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["worker", "--model-path", "/nonexistent/model", *argv])
 
 
+# --num-gpus N with the paged engine is tensor parallel now (test_tensor_parallel.py)
 SPREAD_OR_QUANTIZED = [
     ("--load-8bit", "--device", "cuda"),  # bitsandbytes, through the hf engine
-    ("--num-gpus", "2"),
     ("--max-gpu-memory", "20GiB"),
-    ("--num-gpus", "4", "--max-gpu-memory", "20GiB"),
 ]
 
 
