@@ -36,8 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-names", help="names clients use for the model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "xpu", "mps"])
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("--max-gpu-memory")
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="GPUs each worker splits the model over (the paged engine: tensor parallel)",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        help="the workers' --tensor-parallel-size (vLLM's name for --num-gpus)",
+    )
+    parser.add_argument("--max-gpu-memory", help="the workers' per-GPU memory cap, e.g. 20GiB")
     parser.add_argument(
         "--low-bit",
         choices=list(LOW_BIT_FORMATS),
@@ -178,6 +188,11 @@ def _worker_argv(
         "--num-gpus",
         str(args.num_gpus),
         *(["--max-gpu-memory", args.max_gpu_memory] if args.max_gpu_memory else []),
+        *(
+            ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+            if args.tensor_parallel_size
+            else []
+        ),
         *(["--low-bit", args.low_bit] if args.low_bit else []),
         *(
             ["--limit-worker-concurrency", str(args.limit_worker_concurrency)]

@@ -248,6 +248,8 @@ def choose_engine(
         return "hf"
     if blockers:
         return "hf"
+    if tensor_parallel_size(args) > 1:
+        return "paged"  # the one engine that splits layers over GPUs
     if args.engine == "auto" and slotted and args.device == "cpu":
         return "batch"
     return "paged"

@@ -5,7 +5,9 @@ once. The CUDA path is the same code over NCCL (the gpu-marked test)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import re
 import signal
 import time
@@ -17,9 +19,11 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
+from tokenrelay.cli import build_parser
 from tokenrelay.workers.loader import LoadOptions, load
+from tokenrelay.workers.main import build_engine, choose_engine, tensor_parallel_size
 from tokenrelay.workers.paged.build import build_paged_engine
-from tokenrelay.workers.paged.ranks import RankSpec, free_port, start_engine
+from tokenrelay.workers.paged.ranks import RankSpec, free_port, memory_bytes, start_engine
 from tokenrelay.workers.paged.tensor_parallel import split_reason
 
 from ..stack import Stack
@@ -66,6 +70,20 @@ def folders(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[
     return {name: tiny_folder(root, name, demo_model) for name in SHAPES}
 
 
+@pytest.fixture(scope="module")
+def expected(folders: dict[str, Path]) -> dict[str, list[list[str]]]:
+    """Each shape's texts on one rank."""
+    out = {}
+    for shape, folder in folders.items():
+        model, tokenizer = load(LoadOptions(model_path=str(folder)))
+        single = build_paged_engine(model, tokenizer, max_model_len=256, max_seqs=6)
+        try:
+            out[shape] = asyncio.run(texts(single))
+        finally:
+            single.close()
+    return out
+
+
 async def texts(engine: object) -> list[list[str]]:
     """Four greedy jobs at once, one of them with two choices (a forked cache block)."""
     jobs = [chat_job(q, max_tokens=10, temperature=0.0) for q in QUESTIONS[:3]]
@@ -75,20 +93,16 @@ async def texts(engine: object) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-async def test_two_ranks_give_one_ranks_greedy_text(shape: str, folders: dict[str, Path]) -> None:
+async def test_two_ranks_give_one_ranks_greedy_text(
+    shape: str, folders: dict[str, Path], expected: dict[str, list[list[str]]]
+) -> None:
     options = LoadOptions(model_path=str(folders[shape]))
-    model, tokenizer = load(options)
-    single = build_paged_engine(model, tokenizer, max_model_len=256, max_seqs=6)
-    try:
-        expected = await texts(single)
-    finally:
-        single.close()
     split = start_engine(
         RankSpec(load=options, world=2, port=free_port(), max_model_len=256, max_seqs=6)
     )
     try:
         assert split.cache.shape.kv_heads == 1  # each rank caches its own kv head
-        assert await texts(split) == expected
+        assert await texts(split) == expected[shape]
     finally:
         split.close()
     assert all(not p.is_alive() for p in split.ranks.processes)
@@ -98,6 +112,26 @@ def test_an_uneven_split_is_refused_with_the_reason(folders: dict[str, Path]) ->
     model, _ = load(LoadOptions(model_path=str(folders["llama"])))
     assert "2 key/value heads do not split evenly over 4 ranks" in (split_reason(model, 4) or "")
     assert split_reason(model, 2) is None
+
+
+def test_num_gpus_is_tensor_parallel_for_the_paged_engine_and_accelerate_for_hf() -> None:
+    def args(*argv: str) -> argparse.Namespace:
+        return build_parser().parse_args(["worker", "--model-path", "/nonexistent", *argv])
+
+    for flags in (("--num-gpus", "2"), ("--tensor-parallel-size", "2", "--device", "cpu")):
+        assert tensor_parallel_size(args(*flags)) == 2
+        assert choose_engine(args(*flags), model_type="llama", reason=None, slotted=True) == (
+            "paged"
+        )
+    assert tensor_parallel_size(args("--engine", "hf", "--num-gpus", "2")) == 1
+    assert choose_engine(args("--engine", "hf", "--num-gpus", "2"), model_type="", reason=None)
+    with pytest.raises(SystemExit, match="paged engine's, not --engine hf"):
+        tensor_parallel_size(args("--engine", "hf", "--tensor-parallel-size", "2"))
+    with pytest.raises(SystemExit, match="--engine batch .*--num-gpus 2"):
+        build_engine(args("--engine", "batch", "--num-gpus", "2"))
+    assert memory_bytes("20GiB") == 20 * 2**30
+    with pytest.raises(SystemExit, match="a size such as 20GiB"):
+        memory_bytes("lots")
 
 
 def chat(stack: Stack, question: str) -> str:
@@ -113,18 +147,12 @@ def chat(stack: Stack, question: str) -> str:
 
 
 def test_a_split_worker_serves_one_ranks_text_and_dies_with_its_rank(
-    stack: Stack, folders: dict[str, Path]
+    stack: Stack, folders: dict[str, Path], expected: dict[str, list[list[str]]]
 ) -> None:
     """Through the API and a real Redis: the worker started with --tensor-parallel-size 2
     answers as one rank does; then its rank 1 is killed and the worker exits non-zero
     (its jobs go back as any dead worker's), rather than hang in a collective."""
     folder = folders["llama"]
-    model, tokenizer = load(LoadOptions(model_path=str(folder)))
-    single = build_paged_engine(model, tokenizer, max_model_len=256, max_seqs=4)
-    try:
-        expected = asyncio.run(texts(single))
-    finally:
-        single.close()
     stack.api()
     worker = stack.worker(
         "--model-path",
@@ -140,10 +168,8 @@ def test_a_split_worker_serves_one_ranks_text_and_dies_with_its_rank(
         "--max-model-len",
         "256",
     )
-    assert [chat(stack, q) for q in QUESTIONS[:2]] == [e[0] for e in expected[:2]]
+    assert [chat(stack, q) for q in QUESTIONS[:2]] == [e[0] for e in expected["llama"][:2]]
     pid = int(re.findall(r"tensor parallel rank 1 of 2: pid (\d+)", worker.output())[0])
-    import os
-
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while worker.alive() and time.monotonic() < deadline:

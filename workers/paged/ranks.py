@@ -149,7 +149,8 @@ def join_group(spec: RankSpec, rank: int) -> None:
 
 def load_shard(spec: RankSpec, rank: int) -> tuple[torch.nn.Module, Any]:
     """Rank ``rank``'s shard on its device. The ranks load one at a time, so the host holds
-    one whole copy of the weights at once, not N."""
+    one whole copy of the weights at once, not N; rank 0 loads first, before it joins the
+    group, while the others start."""
     dtype = resolve_dtype(spec.load.dtype, spec.load.device)
     on_host = dataclasses.replace(
         spec.load,
@@ -165,21 +166,30 @@ def load_shard(spec: RankSpec, rank: int) -> tuple[torch.nn.Module, Any]:
             model.eval()
             reason = unsupported_reason(model)
             if reason is not None:
-                raise SystemExit(f"the paged engine cannot serve this model: {reason}")
+                raise SystemExit(
+                    f"the paged engine cannot split this model over GPUs: {reason}; "
+                    f"--engine hf --num-gpus {spec.world} spreads its layers with accelerate"
+                )
             split_model(model, rank, spec.world)
             model.to(device_of(spec, rank))
+        if not dist.is_initialized():
+            join_group(spec, rank)
         dist.barrier()
     assert model is not None
     return model, tokenizer
 
 
 class Ranks:
-    """Rank 0's side: the other ranks' processes, their command pipes, the watchdog."""
+    """Rank 0's side: the other ranks' processes, their command pipes, the watchdog. Rank 0
+    joins the process group in load_shard, after loading its own shard."""
 
     def __init__(self, spec: RankSpec) -> None:
         self.spec = spec
         self.stopping = False
-        context = mp.get_context("spawn")
+        # a fork server that imported this module once: a rank starts without importing
+        # torch and transformers again (and, unlike fork, without the worker's threads)
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
         self.pipes: list[Connection] = []
         self.processes: list[Any] = []
         for rank in range(1, spec.world):
@@ -196,7 +206,6 @@ class Ranks:
             self.pipes.append(ours)
             self.processes.append(process)
         threading.Thread(target=self._watch, name="rank-watchdog", daemon=True).start()
-        join_group(spec, 0)
 
     def send(self, command: tuple[Any, ...]) -> None:
         for pipe in self.pipes:
@@ -373,6 +382,9 @@ def _received(batch: int, device: torch.device) -> Tensor:
 
 
 def _orphaned(parent: int) -> None:
-    while os.getppid() == parent:
+    while True:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)  # rank 0 is gone without a word: nobody to follow
         time.sleep(0.5)
-    os._exit(1)  # rank 0 is gone without a word: nobody to follow
