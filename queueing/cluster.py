@@ -65,6 +65,12 @@ class Cluster(RedisCluster):
     after its replica had taken over, and its model dropped out of dispatch.
     """
 
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            raise _reset(self, exc) from exc
+
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")
@@ -81,6 +87,8 @@ class _Pipeline(ClusterPipeline):
         except _NODE_LOST:
             client._initialize = True
             raise
+        except AttributeError as exc:
+            raise _reset(client, exc) from exc
         if any(isinstance(reply, _NODE_LOST) for reply in replies):
             client._initialize = True
         return replies
@@ -200,6 +208,15 @@ def sync_cluster(url: str, **options: Any) -> redis.RedisCluster:
         ssl=spec.tls,
         **options,
     )
+
+
+def _reset(client: RedisCluster, exc: AttributeError) -> RedisConnectionError:
+    """A connection reset while a command was being sent on it: redis-py raises
+    AttributeError (its writer is gone: ``'NoneType' object has no attribute 'writelines'``,
+    seen while a primary was killed under load), not a ConnectionError, and the API answered
+    500. As a ConnectionError, callers answer 503 or retry, as for any lost connection."""
+    client._initialize = True
+    return RedisConnectionError(f"connection reset while sending: {exc}")
 
 
 def _no_retry() -> Any:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from .cluster import node_client
 
@@ -106,7 +108,7 @@ class ShardedChannels:
             shard = self._shard(self.cluster.get_node_from_key(channel))
             self._where[channel] = shard.name
             await shard.add(channel)
-        except Exception:
+        except Exception as exc:
             self._where.pop(channel, None)
             if shard is not None:
                 shard.channels.discard(channel)
@@ -114,7 +116,11 @@ class ShardedChannels:
                     del self._shards[shard.name]  # likely a dead node: not kept around
                     asyncio.get_running_loop().create_task(shard.close())
             self._refresh_soon()
-            raise
+            if isinstance(exc, RedisError):
+                raise
+            # A connection reset under the call (redis-py raises AttributeError or
+            # RuntimeError then): the caller answers 503, as for any lost connection.
+            raise RedisConnectionError(f"sharded pub/sub connection reset: {exc}") from exc
 
     async def remove(self, channel: str) -> None:
         self._orphans.discard(channel)
