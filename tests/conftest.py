@@ -6,6 +6,7 @@ real processes, and the model tests load the real SmolLM2-135M-Instruct.
 
 from __future__ import annotations
 
+import fcntl
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,7 +27,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
 
+# Under `pytest -n 2 --dist loadgroup` (.ci/run) each module's tests stay on one worker, so
+# a module-scoped stack or model starts once. The modules here start their own processes in
+# every test and share nothing between tests: their tests spread over both workers.
+SPREAD = {"tests/faults/test_faults.py", "tests/ui/test_chat.py", "tests/ui/test_arena.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        for item in items:
+            module = item.nodeid.split("::")[0]
+            if module not in SPREAD:
+                item.add_marker(pytest.mark.xdist_group(module))
     try:
         import torch
 
@@ -73,9 +86,15 @@ def sync_redis(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from tokenrelay.demo_model import demo_model_path
+    from tokenrelay.demo_model import cache_dir, demo_model_path
 
-    return demo_model_path()
+    # One conversion at a time: two pytest processes (xdist workers, or two runs) finding
+    # no folder would both convert, and the second one's rmtree would pull the folder out
+    # from under the first one's workers. The conversion itself renames into place.
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".demo-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return demo_model_path()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from . import __version__
 from .envflags import EnvArgumentParser, HelpFormatter
@@ -21,7 +22,9 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with ``only``, that command's flags alone: building the
+    worker's imports torch (3 s of CPU), which an API or UI process started by name skips."""
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
             description=help_text,
             formatter_class=HelpFormatter,
         )
-        importlib.import_module(module).add_arguments(p)
+        if only in (None, name):
+            importlib.import_module(module).add_arguments(p)
         p.add_argument(
             "--log-format",
             default="text",
@@ -57,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from .logs import setup
 
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    # The first word that is not a flag names the command (the top level takes no values).
+    command = next((a for a in given if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     setup(args.command, args.log_format)
     os.environ["TOKENRELAY_LOG_FORMAT"] = args.log_format  # for the processes serve starts
     importlib.import_module(args.module).run(args)
