@@ -6,6 +6,7 @@ answering the capital of France, and each worker's format in /v1/models and the 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,21 +23,25 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def low_bit_stack(redis_server: EmbeddedRedis, demo_model: Path) -> Iterator[Stack]:
-    s = Stack(redis_server.url, "lowbit")
-    s.api()
-    for fmt in FORMATS:
-        path = demo_gguf_path() if fmt == "asym_int4" else demo_model
-        # auto picks the batch engine on a CPU; sym_int8 takes the paged one, so both
-        # engines run quantized Linears
-        engine = ["--engine", "paged"] if fmt == "sym_int8" else []
-        s.worker(
-            "--model-path", str(path), "--model-names", f"smol-{fmt}", "--low-bit", fmt,
-            "--limit-worker-concurrency", "2", *engine, wait=False,
-        )  # fmt: skip
-    workers = [p for p in s.processes if p.name == "worker"]
-    s.wait_workers(len(FORMATS), workers[-1], timeout=300)
-    yield s
-    s.stop()
+    # A prefix of its own: the log files are named by prefix, and a second run on the same
+    # checkout would write over these workers' logs, which the test reads
+    s = Stack(redis_server.url, f"lowbit{uuid.uuid4().hex[:8]}")
+    try:  # a worker that never comes up must not leave the other four running
+        s.api()
+        for fmt in FORMATS:
+            path = demo_gguf_path() if fmt == "asym_int4" else demo_model
+            # auto picks the batch engine on a CPU; sym_int8 takes the paged one, so both
+            # engines run quantized Linears
+            engine = ["--engine", "paged"] if fmt == "sym_int8" else []
+            s.worker(
+                "--model-path", str(path), "--model-names", f"smol-{fmt}", "--low-bit", fmt,
+                "--limit-worker-concurrency", "2", *engine, wait=False,
+            )  # fmt: skip
+        workers = [p for p in s.processes if p.name == "worker"]
+        s.wait_workers(len(FORMATS), workers[-1], timeout=300)
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
