@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,12 @@ from .openai_format import Collector, Formatter
 from .settings import APISettings
 
 log = logging.getLogger(__name__)
+
+# How long a request's model check may reuse the registry as another request read it. Only
+# a model found with live workers is reused: a miss is read again at once, so a worker that
+# just started serves the next request; one that just died may still be seen for this long,
+# as it could be anyway between the check and the enqueue (its jobs are reclaimed).
+DISPATCH_CACHE_S = 0.5
 
 
 def redis_down(exc: Exception) -> APIError:
@@ -133,6 +140,18 @@ class GenerationService:
             ),
         )
         self.registry = Registry(redis, settings.redis.keys)
+        self._seen: tuple[float, dict[str, list[WorkerInfo]]] = (-DISPATCH_CACHE_S, {})
+
+    async def dispatch_workers(self, model: str) -> list[WorkerInfo]:
+        """The live workers of ``model`` for a request's check: the registry as read by a
+        request less than DISPATCH_CACHE_S ago when it had workers of the model, else read
+        now. A burst of requests then reads the registry once, not once each."""
+        at, models = self._seen
+        if time.monotonic() - at < DISPATCH_CACHE_S and models.get(model):
+            return models[model]
+        models = await self.live_models()
+        self._seen = (time.monotonic(), models)
+        return models.get(model) or []
 
     async def live_models(self) -> dict[str, list[WorkerInfo]]:
         try:
@@ -152,7 +171,7 @@ class GenerationService:
         """404 for a model never served, 503 for one with no live worker, 400 for a
         max_tokens no worker of it can hold, an ``n`` beyond every worker's slots, or a
         model whose workers do another ``task`` (a chat request to an embedding model)."""
-        workers = (await self.live_models()).get(model)
+        workers = await self.dispatch_workers(model)
         if workers and not any(w.task == task for w in workers):
             raise wrong_task(model, workers[0].task)
         workers = [w for w in workers or [] if w.task == task]
