@@ -226,6 +226,14 @@ def _no_retry() -> Any:
     return Retry(NoBackoff(), 0)
 
 
+async def node_of(client: RedisCluster, key: str) -> ClusterNode:
+    """The primary serving ``key``'s slot, reading the slot map first if the client has
+    none yet (redis-py reads it on a client's first command; this may come before)."""
+    if client._initialize:
+        await client.initialize()
+    return client.get_node_from_key(key)
+
+
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` is a Redis Cluster client (asyncio or synchronous)."""
     return isinstance(client, RedisCluster | redis.RedisCluster)

@@ -22,7 +22,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
-from .cluster import is_cluster
+from .cluster import is_cluster, node_of
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Durability:
         enqueue on the new primary wait out its timeout)."""
         if self.mode != "auto":
             return self.mode == "on"
-        node = self.redis.get_node_from_key(key) if key and is_cluster(self.redis) else None
+        node = await node_of(self.redis, key) if key and is_cluster(self.redis) else None
         name = node.name if node is not None else ""
         if name not in self._replicas or time.monotonic() - self._read_at[name] > self.refresh_s:
             self._note(name, await self._count_replicas(node))

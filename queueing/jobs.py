@@ -8,7 +8,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from .cluster import is_cluster
+from .cluster import is_cluster, node_of
 from .durability import Durability, NotReplicated
 from .keys import Keys, Lane
 from .messages import Job
@@ -83,7 +83,7 @@ class JobQueue:
             if is_cluster(self.redis):
                 # The script and WAIT to the primary of the job's slot, one connection. A
                 # cluster pipeline takes no EVALSHA (and EVAL needs no NOSCRIPT round).
-                node = self.redis.get_node_from_key(keys[0])
+                node = await node_of(self.redis, keys[0])
                 pipe.execute_command("EVAL", _ENQUEUE, len(keys), *keys, *args)
                 pipe.execute_command("WAIT", 1, durability.timeout_ms, target_nodes=node)
             else:

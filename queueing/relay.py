@@ -108,11 +108,16 @@ class PlainChannels:
         self._pubsub: Any = redis.pubsub()
         self._route = route
         self._active = asyncio.Event()
+        # One (un)subscribe at a time: redis-py's PubSub opens its connection on the first
+        # command, and two first subscribes at once (the API's first requests) each opened
+        # one, the second replacing the first, whose confirmation was then never read.
+        self._sending = asyncio.Lock()
         self._task = asyncio.create_task(self._pump(), name="chunk-relay")
 
     async def add(self, channel: str) -> None:
         try:
-            await self._pubsub.subscribe(channel)
+            async with self._sending:
+                await self._pubsub.subscribe(channel)
         except (RuntimeError, AttributeError) as exc:
             # The shared pub/sub connection was dropped (CLIENT KILL, a failover) and this
             # call raced the pump's reconnect on it: redis-py raises these, not a
@@ -121,7 +126,8 @@ class PlainChannels:
         self._active.set()
 
     async def remove(self, channel: str) -> None:
-        await self._pubsub.unsubscribe(channel)
+        async with self._sending:
+            await self._pubsub.unsubscribe(channel)
 
     async def _pump(self) -> None:
         while True:

@@ -25,7 +25,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .cluster import node_client
+from .cluster import node_client, node_of
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,22 @@ class _Shard:
         self._route = route
         self._lost = lost
         self._active = asyncio.Event()
+        # One command at a time: redis-py's PubSub opens its connection on the first
+        # command, and two first commands at once each opened one, the second replacing the
+        # first, whose SSUBSCRIBE's confirmation was then never read (a 503 after 5 s).
+        self._sending = asyncio.Lock()
         self.task = asyncio.create_task(self._pump(), name=f"shard-relay {self.name}")
 
     async def add(self, channel: str) -> None:
         self.channels.add(channel)
-        await self.pubsub.ssubscribe(channel)
+        async with self._sending:
+            await self.pubsub.ssubscribe(channel)
         self._active.set()
 
     async def remove(self, channel: str) -> None:
         self.channels.discard(channel)
-        await self.pubsub.sunsubscribe(channel)
+        async with self._sending:
+            await self.pubsub.sunsubscribe(channel)
 
     async def _pump(self) -> None:
         while True:
@@ -105,7 +111,7 @@ class ShardedChannels:
         slot map is read again for the next one."""
         shard = None
         try:
-            shard = self._shard(self.cluster.get_node_from_key(channel))
+            shard = self._shard(await node_of(self.cluster, channel))
             self._where[channel] = shard.name
             await shard.add(channel)
         except Exception as exc:

@@ -239,3 +239,16 @@ async def test_publisher_reports_cancellation(
     await aredis.set(keys.cancel(MODEL, "r"), 1)
     assert await publisher.send([ChoiceDelta(index=0, text="y")]) is True
     assert publisher.seq == 2
+
+
+async def test_concurrent_first_subscribes_are_all_confirmed(relay: ChunkRelay) -> None:
+    """Regression: redis-py's PubSub opens its connection on its first command, and two
+    first subscribes at once each opened one, the second replacing the first, whose
+    confirmation was never read (the API's first requests after a start or a reconnect
+    waited out the 5 s confirmation timeout, then got a 503)."""
+
+    async def one(i: int) -> None:
+        async with relay.subscribe("fake", f"race-{i}", timeout=10):
+            pass
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(20))), 30)
