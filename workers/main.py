@@ -327,6 +327,13 @@ def build_engine(args: argparse.Namespace) -> Engine:
 
 def _split_engine(args: argparse.Namespace) -> Engine:
     """The paged engine over --tensor-parallel-size GPUs (paged/ranks.py)."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    # the other ranks fork from a server that imports the engine once: start it now, so it
+    # imports transformers while this process does
+    multiprocessing.set_forkserver_preload(["tokenrelay.workers.paged.ranks"])
+    multiprocessing.forkserver.ensure_running()
     import torch
 
     from .loader import LoadOptions, check_device, generation_defaults

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..loader import DTYPES, LoadOptions, load, resolve_dtype
-from . import unsupported_reason
+from . import tensor_parallel, unsupported_reason
 from .build import CachePlan, plan_cache
 from .cache import CacheShape, KVCache
 from .engine import PagedEngine
@@ -56,9 +56,11 @@ NO_MULTICAST = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# a collective that waits longer than this on live ranks is a hang (loading a large model
-# one rank at a time is the longest wait: each rank loads while the others sit at a barrier)
-COLLECTIVE_TIMEOUT_S = 1800.0
+# a collective that waits longer than this on live ranks is a hang: start-up's (loading a
+# large model one rank at a time: each rank loads while the others sit at a barrier), and
+# then a step's (a long prefill on a busy CPU is the slowest)
+STARTUP_TIMEOUT_S = 1800.0
+STEP_TIMEOUT_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +145,7 @@ def join_group(spec: RankSpec, rank: int) -> None:
         init_method=f"tcp://127.0.0.1:{spec.port}",
         rank=rank,
         world_size=spec.world,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
     )
 
 
@@ -176,6 +178,7 @@ def load_shard(spec: RankSpec, rank: int) -> tuple[torch.nn.Module, Any]:
             join_group(spec, rank)
         dist.barrier()
     assert model is not None
+    tensor_parallel.GROUP[0] = dist.new_group(timeout=timedelta(seconds=STEP_TIMEOUT_S))
     return model, tokenizer
 
 
@@ -235,6 +238,7 @@ class Ranks:
             if process.is_alive():
                 process.kill()
                 process.join(5)
+        tensor_parallel.GROUP[0] = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -274,13 +278,13 @@ class LeaderRunner(ModelRunner):
     ) -> Tensor:
         def shared(logits: Tensor) -> Tensor:
             picked = sample(logits)
-            dist.broadcast(picked if picked.dtype == torch.long else picked.long(), 0)
+            _broadcast(picked if picked.dtype == torch.long else picked.long())
             return picked
 
         with self._in_step():
             self.ranks.send(("decode", seqs, steps))
             tokens = tokens.long().contiguous()
-            dist.broadcast(tokens, 0)
+            _broadcast(tokens)
             return super().decode_steps(tokens, seqs, steps, shared)
 
     def _copy_block(self, src: int, dst: int, rows: int | None) -> None:
@@ -376,8 +380,12 @@ class _Received:
 
 
 def _received(batch: int, device: torch.device) -> Tensor:
-    tokens = torch.empty(batch, dtype=torch.long, device=device)
-    dist.broadcast(tokens, 0)
+    return _broadcast(torch.empty(batch, dtype=torch.long, device=device))
+
+
+def _broadcast(tokens: Tensor) -> Tensor:
+    """Rank 0's ``tokens`` into the others' (B,) buffers, in the step group."""
+    dist.broadcast(tokens, 0, group=tensor_parallel.GROUP[0])
     return tokens
 
 

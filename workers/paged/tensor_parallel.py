@@ -18,6 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+# the group the passes' collectives run in (None: the default group); ranks.py sets one
+# whose timeout is a step's, not start-up's
+GROUP: list[dist.ProcessGroup | None] = [None]
+
 COLUMNS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 ROWS = ("o_proj", "down_proj")
 # head counts some attention modules keep beside their config
@@ -40,7 +44,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = nn.functional.linear(x, self.weight)
-        dist.all_reduce(out)
+        dist.all_reduce(out, group=GROUP[0])
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -131,5 +135,5 @@ def same_everywhere(value: int, op: dist.ReduceOp.RedOpType = dist.ReduceOp.MIN)
     """``value`` reduced over every rank (the KV cache's blocks: the smallest GPU's)."""
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=op)
+    dist.all_reduce(t, op=op, group=GROUP[0])
     return int(t.item())
