@@ -23,6 +23,7 @@ from .requestid import RequestIdMiddleware
 from .resume import Resumes
 from .routes import (
     batches,
+    cancel,
     completions,
     embeddings,
     files,
@@ -74,7 +75,18 @@ def create_app(settings: APISettings) -> FastAPI:
     # POST /v1/files streams its upload under its own limit (--max-file-size)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, exempt=("/v1/files",))
     app.add_middleware(RequestIdMiddleware)  # outermost: every response gets the header
-    routes = (models, completions, embeddings, tokenize, files, batches, status, health, metrics)
+    routes = (
+        models,
+        completions,
+        cancel,
+        embeddings,
+        tokenize,
+        files,
+        batches,
+        status,
+        health,
+        metrics,
+    )
     for module in routes:
         app.include_router(module.router)
     return app

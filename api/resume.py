@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -51,8 +52,16 @@ def owner_of(token: str | None) -> str:
     return hashlib.sha256(token.encode()).hexdigest() if token else ""
 
 
-def not_found(completion_id: str, why: str, code: str = "stream_not_found") -> APIError:
-    return APIError(404, f"No stream '{completion_id}' to resume: {why}", code=code)
+def owned_by(owner: str, token: str | None) -> bool:
+    """Whether the caller's key (``token``; None on an API without keys, where the id, 128
+    random bits, is the only secret) is the one that started the stream."""
+    return token is None or hmac.compare_digest(owner_of(token), owner)
+
+
+def not_found(
+    completion_id: str, why: str, code: str = "stream_not_found", *, to: str = "resume"
+) -> APIError:
+    return APIError(404, f"No stream '{completion_id}' to {to}: {why}", code=code)
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class Record:
 @dataclass(frozen=True)
 class LogState:
     exists: bool  # the chunk log is still there (it lapses LOG_TTL after the last chunk)
-    done: bool  # its newest chunk ends the stream
+    done: bool  # its newest chunk ends the stream, other than by a cancel
     cancelled: bool  # the job's cancel key is set
 
 
@@ -115,7 +124,8 @@ class Resumes:
         pipe.xrevrange(self.keys.chunk_log(job.model, job.id), count=1)
         pipe.exists(self.keys.cancel(job.model, job.id))
         last, cancelled = await pipe.execute()
-        done = bool(last) and Chunk.model_validate_json(last[0][1]["c"]).done
+        newest = Chunk.model_validate_json(last[0][1]["c"]) if last else None
+        done = newest is not None and newest.done and not _ends_cancelled(newest)
         return LogState(exists=bool(last), done=done, cancelled=bool(cancelled))
 
     async def join(self, job: Job) -> None:
@@ -171,6 +181,11 @@ class Resumes:
     async def _cancel_now(self, job: Job) -> None:
         with contextlib.suppress(RedisError):
             await self.redis.set(self.keys.cancel(job.model, job.id), 1, ex=CANCEL_TTL)
+
+
+def _ends_cancelled(chunk: Chunk) -> bool:
+    """The last chunk a worker sends for a cancelled job (workers/worker.py)."""
+    return chunk.error is not None and chunk.error.code == "cancelled"
 
 
 def _text(value: object) -> str:

@@ -320,6 +320,7 @@ class Worker:
                 if await publisher.send(deltas, tokens=usage):
                     log.info("job %s cancelled by its client", job.id)
                     self.engine.cancel(job.id)
+                    await publisher.send(error=_cancelled())  # ends every follower's stream
                     return
         except InvalidRequest as exc:
             await publisher.send(error=exc.error())
@@ -331,14 +332,7 @@ class Worker:
             await self._engine_failed(delivery, publisher, exc)
             return
         if None in finish:  # the engine ended the job early: cancelled
-            await publisher.send(
-                error=ErrorInfo(
-                    message="The request was cancelled.",
-                    type="cancelled",
-                    code="cancelled",
-                    status=499,
-                )
-            )
+            await publisher.send(error=_cancelled())
             return
         choices = [
             ChoiceDelta(index=i, text=t, finish_reason=finish[i]) for i, t in enumerate(texts)
@@ -436,4 +430,11 @@ def _usage(event: EngineEvent) -> Usage:
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
         total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
+
+
+def _cancelled() -> ErrorInfo:
+    """A cancelled stream's last chunk (its client hung up past the grace, or asked)."""
+    return ErrorInfo(
+        message="The request was cancelled.", type="cancelled", code="cancelled", status=499
     )
