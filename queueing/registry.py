@@ -6,6 +6,7 @@ when its keys expire (seconds), and its per-model ``alive`` keys are what reclai
 
 from __future__ import annotations
 
+import logging
 import time
 
 import redis.asyncio as aioredis
@@ -15,6 +16,8 @@ from .keys import Keys
 from .tokenizers import TOKENIZER_TTL
 
 KNOWN_MODEL_TTL = 7 * 24 * 3600
+
+log = logging.getLogger(__name__)
 
 
 class WorkerInfo(BaseModel):
@@ -80,6 +83,9 @@ class Registry:
         values = await pipe.execute(raise_on_error=False)
         if all(isinstance(v, Exception) for v in values):
             raise values[0]
+        for worker_id, value in zip(ids, values, strict=True):
+            if isinstance(value, Exception):
+                log.warning("worker %s's record not read (skipped): %r", worker_id, value)
         gone = [i for i, v in zip(ids, values, strict=True) if v is None]
         if gone:
             await self.redis.srem(self.keys.workers, *gone)
