@@ -7,6 +7,7 @@ and error notices never reach the model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,9 +52,12 @@ async def stream_answer(
     convo.append(answer)
     usage = Usage()
     try:
-        async for piece in api.stream_chat(model, messages, usage, **params):
-            answer["content"] += piece
-            yield convo, ""
+        # aclosing: a Stop that closes this generator closes the stream's too, whose cleanup
+        # cancels the job on the API (ui/client.py)
+        async with contextlib.aclosing(api.stream_chat(model, messages, usage, **params)) as s:
+            async for piece in s:
+                answer["content"] += piece
+                yield convo, ""
     except ApiError as exc:
         if not answer["content"]:
             convo.remove(answer)

@@ -2,8 +2,9 @@
 
 The UI is an ordinary API client (the API key travels as a Bearer token); every failure
 becomes an ``ApiError`` whose ``readable()`` says what happened, never a generic
-"network error". Closing a stream early (the Stop button cancels the task that reads it)
-closes the HTTP response, which makes the API set the job's cancel key.
+"network error". A stream left before its end (the Stop button cancels the task that reads
+it) is cancelled on the API at once (``POST /v1/chat/completions/{id}/cancel``): closing the
+HTTP response alone would leave the job running for the API's resume grace.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CODE_TITLES = {
     "context_length_exceeded": "The conversation is too long for this model",
     "dead_lettered": "The request failed on every try",
 }
+CANCEL_TIMEOUT = 5.0  # seconds a Stop's cancel call may take (best effort)
 HINTS = {
     401: "Start the UI with the right --api-key.",
     404: "Press the refresh button next to the model list.",
@@ -129,6 +131,7 @@ class ApiClient:
             "stream_options": {"include_usage": True},
             **params,
         }
+        seen = _Seen()
         try:
             async with (
                 self._client() as client,
@@ -137,11 +140,25 @@ class ApiClient:
                 if response.status_code >= 400:
                     raise _error(response.status_code, await response.aread())
                 async for line in response.aiter_lines():
-                    for piece in _pieces(line, usage):
+                    for piece in _pieces(line, usage, seen):
                         yield piece
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
+        finally:
+            if seen.id and not seen.ended:  # left early: Stop, Clear, or a broken stream
+                await self.cancel_chat(seen.id)
         usage.finished = time.monotonic()
+
+    async def cancel_chat(self, completion_id: str) -> None:
+        """Stop a started chat stream's job now; best effort (if this fails, the API cancels
+        it a resume grace after the stream was closed)."""
+        try:
+            async with httpx.AsyncClient(
+                base_url=self.base_url, headers=self.headers, timeout=CANCEL_TIMEOUT
+            ) as client:
+                await client.post(f"/chat/completions/{completion_id}/cancel")
+        except httpx.HTTPError:
+            pass
 
     def _unreachable(self, exc: httpx.HTTPError) -> ApiError:
         kind = type(exc).__name__
@@ -150,17 +167,28 @@ class ApiClient:
         )
 
 
-def _pieces(line: str, usage: Usage) -> list[str]:
+@dataclass
+class _Seen:
+    """What a stream has shown so far: its completion id, and whether it has ended."""
+
+    id: str | None = None
+    ended: bool = False
+
+
+def _pieces(line: str, usage: Usage, seen: _Seen) -> list[str]:
     if not line.startswith("data:"):
         return []
     data = line[5:].strip()
     if data == "[DONE]":
+        seen.ended = True
         return []
     event = json.loads(data)
     if "error" in event:
+        seen.ended = True  # an error event ends the stream: nothing left to cancel
         err = event["error"]
         # the stream already had its 200; the code tells what went wrong
         raise ApiError(500, err.get("message") or "", err.get("code"))
+    seen.id = seen.id or event.get("id")
     if event.get("usage"):
         usage.prompt_tokens = event["usage"]["prompt_tokens"]
         usage.completion_tokens = event["usage"]["completion_tokens"]

@@ -1,11 +1,14 @@
 """`tokenrelay chat`: a terminal chat that streams from the public API.
 
 FastChat's `cli` habits: the conversation is kept, `!!reset` starts over, `!!exit` quits.
+Ctrl-C during a reply stops it: the stream is closed and its job cancelled on the API
+(``POST /v1/chat/completions/{id}/cancel``), not a resume grace later.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -66,6 +69,8 @@ def _ask(client, model: str, history: list[dict[str, str]], args: argparse.Names
 
     print("ASSISTANT: ", end="", flush=True)
     parts: list[str] = []
+    completion_id = None
+    stream = None
     try:
         stream = client.chat.completions.create(
             model=model,
@@ -75,10 +80,12 @@ def _ask(client, model: str, history: list[dict[str, str]], args: argparse.Names
             max_tokens=args.max_tokens,
         )
         for chunk in stream:
+            completion_id = completion_id or chunk.id
             if chunk.choices and chunk.choices[0].delta.content:
                 parts.append(chunk.choices[0].delta.content)
                 print(chunk.choices[0].delta.content, end="", flush=True)
     except KeyboardInterrupt:
+        _stop(client, stream, completion_id)
         print(" [stopped]")
         return "".join(parts) or None
     except (APIError, httpx.HTTPError) as exc:
@@ -86,3 +93,17 @@ def _ask(client, model: str, history: list[dict[str, str]], args: argparse.Names
         return None
     print()
     return "".join(parts)
+
+
+def _stop(client, stream, completion_id: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C during a reply: hang up, and cancel the job on the API at once (a hang-up
+    alone leaves it running for the API's resume grace). Best effort."""
+    from openai import APIError
+
+    if stream is not None:
+        with contextlib.suppress(httpx.HTTPError):
+            stream.close()
+    if completion_id:
+        with contextlib.suppress(APIError, httpx.HTTPError):
+            path = f"/chat/completions/{completion_id}/cancel"
+            client.with_options(max_retries=0, timeout=5.0).post(path, cast_to=httpx.Response)

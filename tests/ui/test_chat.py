@@ -11,6 +11,8 @@ import pytest
 import redis
 from playwright.sync_api import expect
 
+from tokenrelay.queueing.keys import Keys
+
 from ..conftest import DEMO_MODEL
 from .conftest import Page, start_ui
 
@@ -71,18 +73,26 @@ def chunk_log_lengths(client: redis.Redis, prefix: str) -> list[int]:
     return [client.xlen(k) for k in keys]
 
 
+def cancelled_jobs(client: redis.Redis, prefix: str) -> list[str]:
+    return list(client.scan_iter(Keys(prefix).cancel("fake", "*")))
+
+
 def test_stop_cancels_the_job_on_the_worker(stack, page: Page, sync_redis) -> None:
-    stack.api()
+    # A resume grace of 30 s: a hang-up alone would leave the job running that long; Stop
+    # cancels it at once (POST .../cancel), so the job ends well before the grace.
+    stack.api("--resume-grace", "30")
     stack.fake_worker("--fake-token-delay", "0.05")
     open_chat(page, start_ui(stack))
     ask(page, "tell me a very long story")
     wait_text(page, "t20.")  # 20 tokens in: the job is running on the worker
     assert worker_inflight(sync_redis, stack.prefix) == 1
+    assert not cancelled_jobs(sync_redis, stack.prefix)
     page.page.locator("#chat-stop").click()
-    stopped = time.monotonic()  # 60 s: a hang guard; the heartbeat reports inflight
-    while worker_inflight(sync_redis, stack.prefix) and time.monotonic() - stopped < 60:
+    stopped = time.monotonic()  # 20 s: a hang guard, and still well before the grace
+    while worker_inflight(sync_redis, stack.prefix) and time.monotonic() - stopped < 20:
         time.sleep(0.1)
     assert worker_inflight(sync_redis, stack.prefix) == 0, "the worker kept generating"
+    assert len(cancelled_jobs(sync_redis, stack.prefix)) == 1, "Stop did not cancel the job"
     before, shown = chunk_log_lengths(sync_redis, stack.prefix), chat_text(page)
     time.sleep(1.5)
     assert chunk_log_lengths(sync_redis, stack.prefix) == before
