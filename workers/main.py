@@ -330,6 +330,9 @@ def _split_engine(args: argparse.Namespace) -> Engine:
     import multiprocessing
     import multiprocessing.forkserver
 
+    from .paged.multicast import disable_multicast
+
+    disable_multicast()  # before any process starts, the fork server included
     # the other ranks fork from a server that imports the engine once: start it now, so it
     # imports transformers while this process does
     multiprocessing.set_forkserver_preload(["tokenrelay.workers.paged.ranks"])

@@ -170,6 +170,8 @@ def test_a_split_worker_serves_one_ranks_text_and_dies_with_its_rank(
     )
     assert [chat(stack, q) for q in QUESTIONS[:2]] == [e[0] for e in expected["llama"][:2]]
     pid = int(re.findall(r"tensor parallel rank 1 of 2: pid (\d+)", worker.output())[0])
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert {b"NCCL_NVLS_ENABLE=0", b"TORCH_SYMM_MEM_DISABLE_MULTICAST=1"} <= set(environ)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while worker.alive() and time.monotonic() < deadline:

@@ -45,17 +45,12 @@ from . import tensor_parallel, unsupported_reason
 from .build import CachePlan, plan_cache
 from .cache import CacheShape, KVCache
 from .engine import PagedEngine
+from .multicast import disable_multicast
 from .runner import ModelRunner, SeqInput
 from .tensor_parallel import split_model
 
 log = logging.getLogger(__name__)
 
-# NVLink multicast (NVLS) stays off in every rank: NCCL's, symmetric memory's, NVSHMEM's
-NO_MULTICAST = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 # a collective that waits longer than this on live ranks is a hang: start-up's (loading a
 # large model one rank at a time: each rank loads while the others sit at a barrier), and
 # then a step's (a long prefill on a busy CPU is the slowest)
@@ -79,7 +74,7 @@ class RankSpec:
 
 def start_engine(spec: RankSpec) -> TensorParallelEngine:
     """Start ranks 1..N-1, load rank 0's shard here, and lead them with a paged engine."""
-    os.environ.update(NO_MULTICAST)  # the spawned ranks inherit it
+    disable_multicast()  # the ranks inherit it
     ranks = Ranks(spec)
     try:
         model, tokenizer = load_shard(spec, 0)
@@ -320,7 +315,7 @@ def follow(spec: RankSpec, rank: int, pipe: Connection, parent: int) -> None:
     """A rank's process: load its shard, size its cache as rank 0 does, then run every pass
     rank 0 sends until it says stop. Any failure ends the process, non-zero."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(message)s")
-    os.environ.update(NO_MULTICAST)
+    disable_multicast()
     threading.Thread(target=_orphaned, args=(parent,), daemon=True).start()
     try:
         join_group(spec, rank)
