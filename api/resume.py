@@ -35,8 +35,12 @@ log = logging.getLogger(__name__)
 LOG_TTL = 600
 CANCEL_TTL = 3600  # as JobQueue.cancel
 
-# Cancel only if nobody follows the stream now and nobody joined since the leaver left.
+# Cancel only if nobody follows the stream now and nobody joined since the leaver left (and
+# nobody cancelled it already: POST .../cancel, api/stream_cancel.py).
 _CANCEL_IF_ABANDONED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
 local active = tonumber(redis.call('HGET', KEYS[1], 'active') or '0')
 local joins = redis.call('HGET', KEYS[1], 'joins')
 if active <= 0 and joins == ARGV[1] then
