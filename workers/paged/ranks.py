@@ -99,7 +99,7 @@ def start_engine(spec: RankSpec) -> TensorParallelEngine:
             block_size=plan.block_size,
         )
     except BaseException:
-        ranks.stop()
+        ranks.stop(wait_s=0)  # they may be waiting for rank 0 to join: nothing to wait for
         raise
 
 
@@ -221,13 +221,13 @@ class Ranks:
         logging.shutdown()
         os._exit(1)
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10) -> None:
         if self.stopping:
             return
         self.stopping = True
         with contextlib.suppress(OSError, ValueError):
             self.send(("stop",))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + wait_s
         for process in self.processes:
             process.join(max(0.1, deadline - time.monotonic()))
             if process.is_alive():
