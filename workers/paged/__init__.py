@@ -19,6 +19,10 @@ How a step flows through the parts::
     scoring.py     where a job asks for logprobs: its rows' raw log-softmax as each step
         |              samples; an echo's prompt prefilled with every position's logits
     output.py      the host's side: tokens to text, stop strings, finish reasons, events
+
+Split over N GPUs (--tensor-parallel-size), tensor_parallel.py cuts every layer's weights
+and the cache's kv heads N ways, and ranks.py runs the loop above on rank 0, its runner
+sending each pass to the other ranks' runners.
 """
 
 from __future__ import annotations
