@@ -8,6 +8,10 @@ call can only be the endpoint's (that guard is a hang guard, no claim on speed).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import httpx
 import redis
 
+from tokenrelay.commands import tokenrelay_argv
 from tokenrelay.queueing.keys import Keys
 
 from .conftest import DEMO_MODEL
@@ -197,6 +202,41 @@ def test_the_real_model_stops_generating_on_cancel(
     worker = next(p for p in model_stack.processes if p.name == "worker")
     wait_for(lambda: f"job {rid} cancelled by its client" in worker.output(), "the worker log")
     assert f"job {rid} done" not in worker.output()
+
+
+def test_chat_cli_ctrl_c_cancels_the_job(stack: Stack, sync_redis: redis.Redis) -> None:
+    """`tokenrelay chat`: Ctrl-C during a reply stops it, and its job is cancelled on the
+    API at once, not after the 30 s grace."""
+    stack.api("--resume-grace", GRACE)
+    stack.fake_worker("--fake-token-delay", "0.05")
+    pattern = Keys(stack.prefix).cancel(FAKE, "*")
+
+    def cancel_keys() -> list[str]:
+        return list(sync_redis.scan_iter(pattern))
+
+    argv = [*tokenrelay_argv(), "chat", "--api-url", f"{stack.url}/v1", "--max-tokens", "2000"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    guard = threading.Timer(60, proc.kill)  # only against a hang
+    guard.start()
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"tell me a long story\n")
+        out = b""
+        while b"t5." not in out:  # the reply streams: the job is running
+            piece = os.read(proc.stdout.fileno(), 4096)
+            assert piece, out
+            out += piece
+        assert not cancel_keys()  # a grace of 30 s: only the CLI's cancel sets it soon
+        proc.send_signal(signal.SIGINT)
+        wait_for(cancel_keys, "the job's cancel key")
+        wait_for(lambda: worker_inflight(sync_redis, stack.prefix) == 0, "the worker's slot")
+        proc.stdin.write(b"!!exit\n")
+        rest, _ = proc.communicate(timeout=HANG_GUARD_S)
+        assert proc.returncode == 0
+        assert b"[stopped]" in out + rest
+    finally:
+        guard.cancel()
+        proc.kill()
 
 
 def _bearer(key: str) -> dict[str, str]:
