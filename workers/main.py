@@ -201,7 +201,7 @@ def paged_blockers(args: argparse.Namespace) -> list[str]:
 
 
 def tensor_parallel_size(args: argparse.Namespace) -> int:
-    """The GPUs the paged engine splits each layer over: --tensor-parallel-size, or
+    """The GPUs the paged engine splits each layer over: --tensor-parallel-size, or on CUDA
     --num-gpus unless --engine hf or generate spreads the layers with accelerate."""
     if args.tensor_parallel_size is not None:
         if args.tensor_parallel_size < 1:
@@ -212,7 +212,7 @@ def tensor_parallel_size(args: argparse.Namespace) -> int:
                 "use --engine paged, or --engine hf --num-gpus N for an accelerate split"
             )
         return int(args.tensor_parallel_size)
-    return int(args.num_gpus) if args.engine in ("auto", "paged") else 1
+    return int(args.num_gpus) if args.engine in ("auto", "paged") and args.device == "cuda" else 1
 
 
 def choose_engine(

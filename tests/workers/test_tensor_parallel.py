@@ -118,12 +118,16 @@ def test_num_gpus_is_tensor_parallel_for_the_paged_engine_and_accelerate_for_hf(
     def args(*argv: str) -> argparse.Namespace:
         return build_parser().parse_args(["worker", "--model-path", "/nonexistent", *argv])
 
-    for flags in (("--num-gpus", "2"), ("--tensor-parallel-size", "2", "--device", "cpu")):
+    for flags in (
+        ("--num-gpus", "2", "--device", "cuda"),
+        ("--tensor-parallel-size", "2", "--device", "cpu"),
+    ):
         assert tensor_parallel_size(args(*flags)) == 2
         assert choose_engine(args(*flags), model_type="llama", reason=None, slotted=True) == (
             "paged"
         )
-    assert tensor_parallel_size(args("--engine", "hf", "--num-gpus", "2")) == 1
+    assert tensor_parallel_size(args("--engine", "hf", "--num-gpus", "2", "--device", "cuda")) == 1
+    assert tensor_parallel_size(args("--num-gpus", "2")) == 1  # a CPU has no GPUs to split over
     assert choose_engine(args("--engine", "hf", "--num-gpus", "2"), model_type="", reason=None)
     with pytest.raises(SystemExit, match="paged engine's, not --engine hf"):
         tensor_parallel_size(args("--engine", "hf", "--tensor-parallel-size", "2"))
