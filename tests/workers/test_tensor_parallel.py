@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import signal
@@ -66,6 +68,10 @@ def tiny_folder(root: Path, name: str, demo_model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[str, Path]:
+    # the ranks' fork server imports the engine while these folders are written (as the
+    # worker starts it before its own imports: workers/main.py)
+    multiprocessing.set_forkserver_preload(["tokenrelay.workers.paged.ranks"])
+    multiprocessing.forkserver.ensure_running()
     root = tmp_path_factory.mktemp("tiny-tp")
     return {name: tiny_folder(root, name, demo_model) for name in SHAPES}
 
