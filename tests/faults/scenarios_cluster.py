@@ -1,4 +1,4 @@
-"""Scenario 13: a Redis Cluster primary SIGKILLed under load (issue 14).
+"""Scenario 14: a Redis Cluster primary SIGKILLed under load (issue 14).
 
 A 3-primary + 3-replica cluster (tests/clusters.py); three models whose ``{m:NAME}`` slots
 lie on three different shards, one fake worker each; the API and the workers are given the
