@@ -24,6 +24,7 @@ from tokenrelay.embedded_redis import EmbeddedRedis
 from tokenrelay.queueing import cluster
 from tokenrelay.queueing.chunks import ChunkPublisher
 from tokenrelay.queueing.connection import RedisSettings, connect
+from tokenrelay.queueing.consumer import JobConsumer
 from tokenrelay.queueing.keys import Keys
 from tokenrelay.queueing.relay import ChunkRelay
 from tokenrelay.workers.fake_engine import fake_text
@@ -155,6 +156,21 @@ async def test_the_relay_holds_one_sharded_connection_per_shard(
                 assert (chunk.id, chunk.seq, chunk.done) == (rid, 0, True)
     finally:
         await relay.close()
+
+
+async def test_a_worker_of_models_on_different_shards_reads_each_ones_jobs(
+    cluster_redis, models: list[str], prefix_m: str
+) -> None:
+    """One XREADGROUP over two models' streams would be CROSSSLOT on a cluster: a worker of
+    several models reads them slot by slot, and blocks when none has a job."""
+    keys = Keys(f"{prefix_m}-multi")
+    consumer = JobConsumer(cluster_redis, keys, "w-multi")
+    await consumer.ensure_groups(models)
+    assert await consumer.read(models, 10, 30) == []  # idle: blocks in turn, returns empty
+    for model in models:
+        await cluster_redis.xadd(keys.jobs(model), {"job": model})
+    got = await consumer.read(models, 10, 100)
+    assert sorted(d.payload for d in got) == sorted(models)
 
 
 # ---------------------------------------------------------------------------------------------
