@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenrelay import __version__
@@ -187,6 +187,14 @@ class Worker:
                 log.warning("redis unreachable while reading jobs (%s); retrying", exc)
                 own_pending = True
                 await asyncio.sleep(1.0)
+                continue
+            except ResponseError as exc:
+                if not str(exc).startswith("UNBLOCKED"):
+                    raise
+                # A blocked XREADGROUP whose stream moved to another shard (a Redis Cluster
+                # reshard migrated its slot): read again, there. This crashed the worker.
+                log.warning("job stream moved while reading (%s); reading again", exc)
+                own_pending = True
                 continue
             if self._stopping.is_set():  # read while stopping: not ours to run any more
                 await self._hand_back(deliveries)
