@@ -148,6 +148,22 @@ class ClusterNodes:
             time.sleep(0.1)
         raise TimeoutError(f"no failover from port {old_port} in {timeout:.0f} s")
 
+    def move_slot(self, key: str, to_port: int) -> int:
+        """Migrate ``key``'s slot, with its keys, to the primary on ``to_port`` (what
+        ``redis-cli --cluster reshard`` does, for one slot); returns how many keys moved."""
+        slot, src_port = key_slot(key.encode()), self.primary_of(key)
+        src, dst = self.client(src_port), self.client(to_port)
+        src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 50):
+            src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for port in (to_port, src_port):  # the two owners; the rest learn it by gossip
+            self.client(port).execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return moved
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:

@@ -32,7 +32,13 @@ from tokenrelay.workers.fake_engine import fake_text
 from .clusters import ClusterNodes, models_on_distinct_shards
 from .conftest import DEMO_MODEL
 from .faults.ledger import Outcome
-from .faults.scenarios_cluster import CONCURRENT, ClusterStack, cluster_failover, send
+from .faults.scenarios_cluster import (
+    CONCURRENT,
+    ClusterStack,
+    cluster_failover,
+    cluster_reshard,
+    send,
+)
 from .stack import Stack
 
 
@@ -239,6 +245,16 @@ def test_batches_are_refused_on_a_cluster_with_an_openai_error(cstack: ClusterSt
 @pytest.mark.slow
 async def test_a_primary_failover_under_1000_requests_loses_none(stack: Stack) -> None:
     summary = await cluster_failover(stack, n=1000, size="full")
+    summary.write()
+    print(summary.line())
+    assert not summary.violations, "\n".join(summary.violations[:20])
+    assert summary.lost == 0 and summary.duplicated == 0
+    assert summary.accepted == summary.completed + summary.errored + summary.cancelled
+
+
+@pytest.mark.slow
+async def test_a_reshard_under_load_loses_none(stack: Stack) -> None:
+    summary = await cluster_reshard(stack, n=300, size="full")
     summary.write()
     print(summary.line())
     assert not summary.violations, "\n".join(summary.violations[:20])

@@ -123,6 +123,49 @@ async def _run(
     _judge(own, models, outcomes, model_of, s, back)
 
 
+async def cluster_reshard(stack: Stack, *, n: int, size: str, seed: int = 3) -> Summary:
+    """The first model's slot migrated (keys, job stream and consumer group) to the second
+    model's primary once a third of the requests were answered: every accepted request is
+    answered with its exact text."""
+    s = Summary("cluster_reshard", size)
+    started = time.monotonic()
+    cluster = ClusterNodes().start()
+    own: ClusterStack | None = None
+    try:
+        models = models_on_distinct_shards(cluster, stack.prefix)
+        own = cluster_stack(cluster, stack.prefix, models)
+        rng = random.Random(seed)
+        outcomes = [
+            Outcome(i, stream=rng.random() < 0.6, max_tokens=rng.randint(8, 30)) for i in range(n)
+        ]
+        model_of = {o.index: models[o.index % len(models)] for o in outcomes}
+        keys = Keys(stack.prefix)
+        async with http_client(own, timeout=180) as client:
+            load = asyncio.ensure_future(
+                bounded([send(client, o, model_of[o.index]) for o in outcomes], CONCURRENCY)
+            )
+            while sum(o.finished > 0 for o in outcomes) < n // 3 and not load.done():
+                await asyncio.sleep(0.05)
+            to = cluster.primary_of(keys.jobs(models[1]))
+            s.notes["keys_moved"] = await asyncio.to_thread(
+                cluster.move_slot, keys.jobs(models[0]), to
+            )
+            s.faults += 1
+            await load
+        settle(outcomes, s)
+        lost = [o for o in outcomes if o.error and o.error.get("code") == "deadline_exceeded"]
+        s.lost += len(lost)
+        s.violations += [f"request {o.index}: accepted, then lost (deadline)" for o in lost]
+        s.notes["errors"] = dict(Counter(_error(o, model_of) for o in outcomes if o.error))
+        _check_drained(own, models, s)
+        s.elapsed_s = time.monotonic() - started
+    finally:
+        if own is not None:
+            own.stop()
+        cluster.stop()
+    return s
+
+
 async def send(client: httpx.AsyncClient, out: Outcome, model: str) -> None:
     """One request to ``model`` as a client sees it (tests/faults/client.py's, for any
     model)."""
