@@ -27,19 +27,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
 
-# Under `pytest -n 2 --dist loadgroup` (.ci/run) each module's tests stay on one worker, so
-# a module-scoped stack or model starts once. The modules here start their own processes in
-# every test and share nothing between tests: their tests spread over both workers.
-SPREAD = {"tests/faults/test_faults.py", "tests/ui/test_chat.py", "tests/ui/test_arena.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if getattr(config.option, "dist", "no") == "loadgroup":
-        for item in items:
-            module = item.nodeid.split("::")[0]
-            if module not in SPREAD:
-                item.add_marker(pytest.mark.xdist_group(module))
     try:
         import torch
 

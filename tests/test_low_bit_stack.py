@@ -19,6 +19,9 @@ from tokenrelay.embedded_redis import EmbeddedRedis
 
 FORMATS = ("sym_int4", "asym_int4", "sym_int8", "bf16", "fp16")
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Five model workers load at once (the first test's setup): on a busy 2-core machine beside
+# another xdist worker that took over the default 300 s, so a longer hang guard
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def low_bit_stack(redis_server: EmbeddedRedis, demo_model: Path) -> Iterator[Sta
                 "--limit-worker-concurrency", "2", *engine, wait=False,
             )  # fmt: skip
         workers = [p for p in s.processes if p.name == "worker"]
-        s.wait_workers(len(FORMATS), workers[-1], timeout=300)
+        s.wait_workers(len(FORMATS), workers[-1], timeout=540)
         yield s
     finally:
         s.stop()
