@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -447,4 +448,6 @@ async def _serve(settings: RedisSettings, engine: Engine, options: WorkerOptions
     try:
         await worker.run()
     finally:
-        await redis.aclose()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3.0):  # never hold the exit on a closing connection
+                await redis.aclose()

@@ -45,6 +45,8 @@ from .throughput import Throughput
 
 log = logging.getLogger(__name__)
 
+STOP_WRITES_S = 3.0  # the most a stopping worker waits on Redis to deregister
+
 
 class _RunAgain(Exception):
     """The engine failed on a job that may succeed on another delivery: leave it pending."""
@@ -120,8 +122,12 @@ class Worker:
             for task in background:
                 task.cancel()
             await self.outbox.close()
-            with contextlib.suppress(RedisError, OSError):
-                await self.registry.deregister(self.info)
+            # Bounded: a stopping worker exits within its grace and a few seconds. Should
+            # Redis not answer (or the pool have no free connection), its keys lapse with
+            # their TTL instead, as a dead worker's do.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(STOP_WRITES_S):
+                    await self.registry.deregister(self.info)
 
     def stop(self) -> None:
         self._stopping.set()
