@@ -74,8 +74,6 @@ def deq_int4(q, scale, group):
 
 
 class Bf16:
-    name = "bf16"
-
     def __init__(self, w):
         self.w = w
 
@@ -91,7 +89,6 @@ class Bf16:
 
 class TinyGemm:
     def __init__(self, w, group):
-        self.name = f"tinygemm int4 g{group}"
         self.group = group
         q, scale = quant_int4(w, group)
         n, k = q.shape
@@ -112,11 +109,23 @@ class TinyGemm:
         return self.packed.numel() * self.packed.element_size() + self.sz.numel() * 2
 
 
-class GemliteW4:
+class Gemlite:
+    """A gemlite layer (``lin``) with its dequantized weight and its bytes."""
+
+    def __call__(self, x):
+        return self.lin(x)
+
+    def ref(self):
+        return self._ref
+
+    def nbytes(self):
+        return self._bytes
+
+
+class GemliteW4(Gemlite):
     def __init__(self, w, group):
         from gemlite.helper import A16Wn
 
-        self.name = f"gemlite A16W4 g{group}"
         q, scale = quant_int4(w, group)
         zeros = torch.full_like(scale, 8.0)
         self.lin = A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(
@@ -125,21 +134,11 @@ class GemliteW4:
         self._ref = deq_int4(q, scale, group).to(torch.bfloat16)
         self._bytes = q.numel() // 2 + scale.numel() * 4
 
-    def __call__(self, x):
-        return self.lin(x)
 
-    def ref(self):
-        return self._ref
-
-    def nbytes(self):
-        return self._bytes
-
-
-class GemliteW8:
+class GemliteW8(Gemlite):
     def __init__(self, w):
         from gemlite.helper import A16W8_INT8
 
-        self.name = "gemlite A16W8 int8"
         scale = w.float().abs().amax(1, keepdim=True).clamp(min=1e-6) / 127
         q = torch.round(w.float() / scale).clamp(-127, 127)
         self._ref = (q * scale).to(torch.bfloat16)
@@ -148,19 +147,8 @@ class GemliteW8:
         )
         self._bytes = w.numel()
 
-    def __call__(self, x):
-        return self.lin(x)
-
-    def ref(self):
-        return self._ref
-
-    def nbytes(self):
-        return self._bytes
-
 
 class Fp8Rowwise:
-    name = "fp8 e4m3 rowwise (_scaled_mm)"
-
     def __init__(self, w):
         fmax = torch.finfo(torch.float8_e4m3fn).max
         scale = w.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / fmax

@@ -18,7 +18,7 @@ from tokenrelay.queueing.connection import RedisSettings, connect
 
 from .engine import Engine
 from .lowbit.formats import FORMATS as LOW_BIT_CHOICES
-from .worker import Worker, WorkerOptions
+from .worker import STOP_WRITES_S, Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -449,5 +449,5 @@ async def _serve(settings: RedisSettings, engine: Engine, options: WorkerOptions
         await worker.run()
     finally:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(3.0):  # never hold the exit on a closing connection
+            async with asyncio.timeout(STOP_WRITES_S):  # never hold the exit on a close
                 await redis.aclose()
